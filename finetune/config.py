@@ -122,7 +122,9 @@ class TaskConfig:
     system_prompt: str = ""
     prompt_template: str = "{input}"  # user turn; {input} is the example's input text
     fields: List[str] = field(default_factory=list)  # extraction: the JSON keys
-    json_schema: Optional[Dict[str, Any]] = None  # extraction: alternative to fields
+    # extraction: alternative to fields ({} = none). A dict, not Optional: Hydra cannot override a None
+    # dict from the command line; with a dict, `+task.json_schema={properties: {...}}` works.
+    json_schema: Dict[str, Any] = field(default_factory=dict)
     labels: List[str] = field(default_factory=list)  # classification
     # Non-LLM baseline on the test split. None: the kind's default (classification: tfidf_logreg,
     # generation: lead = first sentence, extraction: none); "none" turns it off; "usaddress": US addresses.
@@ -239,7 +241,7 @@ class EvaluateConfig:
     compare: List[str] = field(default_factory=list)  # registry model names, zero/few-shot
     specialist: bool = True  # the task's non-LLM baseline
     artifacts: bool = True  # evaluate every exported artifact in its runtime
-    n_threads: Optional[int] = None  # llama.cpp threads; None = all cores
+    n_threads: Optional[int] = None  # generation threads (torch and llama.cpp); None = all cores
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""What every task kind shares: the prompt, reading a row's input back, the answer-text helpers.
+
+A task kind module (extraction.py, classification.py, generation.py) adds the three things that
+differ: how a reference answer is checked and written (`check_output`, `answer_text`), how a model's
+answer is parsed (`parse`, forgiving), and how it is scored (`score`, strict).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+class BadExample(ValueError):
+    """A data row the task cannot use; `kind` names the problem in the validation report."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+_FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)(?:```|$)", re.S)
+
+
+def strip_fences(text: str) -> str:
+    """The inside of the first ```lang ... ``` block if the answer has one, else the text itself."""
+    match = _FENCE.search(text)
+    return match.group(1).strip() if match else text.strip()
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFKC, case-folded, whitespace runs collapsed to one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def value_of(kind: Any) -> str:
+    return str(getattr(kind, "value", kind))
+
+
+class Task:
+    kind = ""
+    headline_metric = ""
+    specialists: tuple[str, ...] = ()  # baselines this kind offers; the first is the default
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.name = str(cfg.name)
+        self.system_prompt = str(cfg.get("system_prompt") or "")
+        self.prompt_template = str(cfg.get("prompt_template") or "{input}")
+        self.specialist = str(cfg.get("specialist") or (self.specialists[0] if self.specialists else "none"))
+        if self.specialist not in ("none", *self.specialists):
+            raise ValueError(
+                f"task {self.name}: specialist {self.specialist!r} is not one of {['none', *self.specialists]} "
+                f"for kind {self.kind}"
+            )
+        try:
+            self.prompt_template.format(input="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"task {self.name}: prompt_template {self.prompt_template!r} must contain {{input}} and no other "
+                f"{{placeholder}} (write literal braces as {{{{ and }}}}): {exc!r}"
+            ) from None
+
+    # ---- prompts -------------------------------------------------------------------------
+    def user_turn(self, text: str) -> str:
+        return self.prompt_template.format(input=text)
+
+    def prompt_messages(self, text: str) -> list[dict]:
+        """System prompt (when the task has one) + the user turn, in chat-message form."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return messages + [{"role": "user", "content": self.user_turn(text)}]
+
+    def input_of(self, row: dict) -> str:
+        """The raw input of a data-stage row: its `input` field, else the user turn minus the template."""
+        if isinstance(row.get("input"), str):
+            return row["input"]
+        user = next((m["content"] for m in reversed(row["prompt"]) if m["role"] == "user"), "")
+        marker = "\x00INPUT\x00"
+        prefix, _, suffix = self.prompt_template.format(input=marker).partition(marker)
+        if user.startswith(prefix) and user.endswith(suffix) and len(user) >= len(prefix) + len(suffix):
+            return user[len(prefix) : len(user) - len(suffix)]
+        return user
+
+    # ---- per kind ---------------------------------------------------------------------
+    def check_output(self, value: Any) -> Any:
+        """The reference answer for a data value, or BadExample naming what is wrong with it."""
+        raise NotImplementedError
+
+    def answer_text(self, reference: Any) -> str:
+        """The assistant turn the model is trained to write for this reference."""
+        raise NotImplementedError
+
+    def parse(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def score(self, references: list, outputs: list[str]) -> tuple[dict[str, float], list[dict]]:
+        raise NotImplementedError
+
+    def specialist_baseline(self, train_rows: list[dict], test_rows: list[dict]) -> list[str] | None:
+        """Outputs of the task's non-LLM baseline on test_rows; None when the task has none."""
+        return None

@@ -1,0 +1,189 @@
+"""Task kinds: forgiving parsing, strict metrics checked against hand-computed values, and the
+specialist baselines on the real bundled test splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.data import split_task_data
+from finetune.tasks import BadExample, get_task
+from finetune.testing import compose
+
+
+def task_for(*overrides: str):
+    return get_task(compose(["task=custom", *overrides]).task)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """(task, rendered rows per split) of each bundled task: the seeded split, no token check."""
+    out = {}
+    for name in ("extraction", "classification", "summarization"):
+        task, _, rows, _ = split_task_data(compose([f"task={name}"]).task)
+        out[name] = (task, rows)
+    return out
+
+
+# ---- extraction ----------------------------------------------------------------------------
+
+
+def test_extraction_parse_is_forgiving():
+    task = task_for("task.kind=extraction", "task.fields=[A,B]")
+    assert task.parse('{"A": "1"}') == {"A": "1"}
+    assert task.parse('```json\n{"A": "1", "B": "x"}\n```') == {"A": "1", "B": "x"}
+    assert task.parse('Here you go: {"A": "1"} -- done') == {"A": "1"}
+    assert task.parse('{"A": "1", "B": "x",}') == {"A": "1", "B": "x"}  # trailing comma
+    assert task.parse('{"A": "1"') is None  # cut off: not an object
+    assert task.parse("[1, 2]") is None and task.parse("") is None and task.parse("no json") is None
+
+
+def test_extraction_metrics_match_hand_computed_values():
+    task = task_for("task.kind=extraction", "task.fields=[A,B]")
+    refs = [{"A": "1", "B": "Main"}, {"A": "2"}, {"A": "3", "B": "Elm"}, {"B": "x"}]
+    outs = [
+        '{"A":"1","B":"MAIN "}',  # both right after normalization: exact
+        '```json\n{"A": "2", "C": "z",}\n```',  # A right, C a key outside the fields: wrong pair
+        'Sure! {"A":"3", "B": ""} hope this helps',  # A right, empty B = absent: B missed
+        "no json here",  # invalid: B missed
+    ]
+    metrics, rows = task.score(refs, outs)
+    # tp = 2+1+1+0 = 4, fp = 0+1+0+0 = 1, fn = 0+0+1+1 = 2
+    assert metrics["field_precision"] == pytest.approx(4 / 5)
+    assert metrics["field_recall"] == pytest.approx(4 / 6)
+    assert metrics["field_f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))
+    assert metrics["exact_match"] == pytest.approx(1 / 4)
+    assert metrics["json_valid_rate"] == pytest.approx(3 / 4)
+    assert metrics["json_strict_rate"] == pytest.approx(1 / 4)
+    assert metrics["n"] == 4 and task.headline_metric == "field_f1"
+    assert [r["correct"] for r in rows] == [True, False, False, False]
+    assert [(r["tp"], r["fp"], r["fn"]) for r in rows] == [(2, 0, 0), (1, 1, 0), (1, 0, 1), (0, 0, 1)]
+    assert rows[3]["parsed"] is None
+
+
+def test_extraction_values_are_strict_beyond_case_and_spacing():
+    task = task_for("task.kind=extraction", "task.fields=[A]")
+    metrics, _ = task.score([{"A": "St."}, {"A": "Chicago"}], ['{"A": "St"}', '{"A": " chicago, "}'])
+    assert metrics["field_f1"] == pytest.approx(0.5)  # "St" != "St."; edge comma/space/case forgiven
+
+
+def test_extraction_checks_and_writes_answers():
+    task = task_for("task.kind=extraction", "task.fields=[A,B]")
+    assert task.check_output('{"B": "2", "A": "1"}') == {"A": "1", "B": "2"}
+    assert task.answer_text({"B": "2", "A": "1"}) == '{"A":"1","B":"2"}'  # compact, field order
+    with pytest.raises(BadExample, match="not valid JSON") as exc:
+        task.check_output('{"A": 1')
+    assert exc.value.kind == "invalid_json"
+    with pytest.raises(BadExample, match=r"\['Z'\] are not among") as exc:
+        task.check_output({"A": "1", "Z": "2"})
+    assert exc.value.kind == "unknown_keys"
+
+
+def test_extraction_json_schema_gives_fields_and_types():
+    cfg = compose(["task=custom", "task.kind=extraction",
+                   "+task.json_schema={properties: {name: {type: string}, age: {type: integer}}}"]).task
+    task = get_task(cfg)
+    assert task.fields == ["name", "age"]
+    assert task.check_output({"age": 3, "name": "x"}) == {"name": "x", "age": 3}
+    with pytest.raises(BadExample, match="'age' should be integer"):
+        task.check_output({"age": "three"})
+
+
+def test_extraction_needs_a_field_list():
+    with pytest.raises(ValueError, match="no field list"):
+        task_for("task.kind=extraction")
+
+
+# ---- classification -------------------------------------------------------------------------
+
+
+def test_classification_parse_is_forgiving_about_form_only():
+    task = task_for("task.kind=classification", "task.labels=[ham,spam]")
+    for text in ["spam", "Spam.", " SPAM! ", '"spam"', "**spam**", "Label: spam", "The answer is spam",
+                 "```\nspam\n```", "spam\nIt offers a prize.", "Spam - it offers a prize"]:
+        assert task.parse(text) == "spam", text
+    for text in ["not spam", "I cannot tell", "", "spammy"]:
+        assert task.parse(text) is None, text
+
+
+def test_classification_metrics_match_hand_computed_values():
+    task = task_for("task.kind=classification", "task.labels=[ham,spam]")
+    refs = ["ham", "ham", "spam", "spam", "ham"]
+    outs = ["ham", "Spam.", "spam", "I think it is not clear", "HAM\nbecause it is personal"]
+    metrics, rows = task.score(refs, outs)
+    assert [r["parsed"] for r in rows] == ["ham", "spam", "spam", None, "ham"]
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["invalid_rate"] == pytest.approx(1 / 5)
+    # ham: tp 2, fp 0, fn 1 -> P 1, R 2/3, F1 0.8; spam: tp 1, fp 1, fn 1 -> F1 0.5
+    assert metrics["f1_ham"] == pytest.approx(0.8)
+    assert metrics["f1_spam"] == pytest.approx(0.5)
+    assert metrics["macro_f1"] == pytest.approx(0.65)
+    assert task.headline_metric == "macro_f1"
+
+
+def test_classification_data_labels_must_be_in_the_set():
+    task = task_for("task.kind=classification", "task.labels=[ham,spam]")
+    assert task.check_output("spam") == "spam"
+    with pytest.raises(BadExample, match="'Spam' is not in") as exc:
+        task.check_output("Spam")
+    assert exc.value.kind == "label_not_in_set"
+    with pytest.raises(ValueError, match="no label set"):
+        task_for("task.kind=classification")
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+def test_generation_metrics_match_hand_computed_values():
+    task = task_for("task.kind=generation")
+    metrics, rows = task.score(["the cat sat", "Dogs bark"], ["the cat", 'Headline: "Dogs bark"'])
+    # row 1: unigrams P 2/2 R 2/3 -> 0.8; bigrams P 1/1 R 1/2 -> 2/3; LCS 2 -> 0.8. row 2: exact.
+    assert metrics["rouge1"] == pytest.approx((0.8 + 1) / 2)
+    assert metrics["rouge2"] == pytest.approx((2 / 3 + 1) / 2)
+    assert metrics["rougeL"] == pytest.approx((0.8 + 1) / 2)
+    assert metrics["exact_match"] == pytest.approx(0.5)
+    assert [r["correct"] for r in rows] == [False, True] and rows[1]["parsed"] == "Dogs bark"
+    assert task.headline_metric == "rougeL"
+    assert task.score(["x"], [""])[0]["empty_rate"] == 1.0
+
+
+def test_input_of_reads_rows_without_an_input_field():
+    task = task_for("task.prompt_template='Text: {input} (end)'")
+    row = {"prompt": [{"role": "user", "content": "Text: hello (end)"}]}
+    assert task.input_of(row) == "hello"
+    with pytest.raises(ValueError, match="prompt_template"):
+        task_for("task.prompt_template='Text: {input} {other}'")
+
+
+# ---- specialist baselines on the real test splits ------------------------------------------------
+
+
+def test_usaddress_baseline(bundled):
+    task, rows = bundled["extraction"]
+    outputs = task.specialist_baseline(rows["train"], rows["test"])
+    metrics, _ = task.score([r["reference"] for r in rows["test"]], outputs)
+    # usaddress's CRF was trained on this very file (test split included): close to perfect.
+    assert metrics["n"] == len(rows["test"]) == 149
+    assert metrics["json_strict_rate"] == 1.0 and metrics["field_f1"] > 0.98
+
+
+def test_tfidf_baseline(bundled):
+    task, rows = bundled["classification"]
+    outputs = task.specialist_baseline(rows["train"], rows["test"])
+    metrics, _ = task.score([r["reference"] for r in rows["test"]], outputs)
+    assert metrics["invalid_rate"] == 0.0
+    assert metrics["accuracy"] > 0.97 and metrics["macro_f1"] > 0.93  # measured: 0.983 / 0.955
+
+
+def test_lead_baseline(bundled):
+    task, rows = bundled["summarization"]
+    outputs = task.specialist_baseline(rows["train"], rows["test"])
+    for row, lead in zip(rows["test"], outputs):
+        assert " ".join(row["input"].split()).startswith(lead) and 20 < len(lead) < len(row["input"])
+    metrics, _ = task.score([r["reference"] for r in rows["test"]], outputs)
+    assert 0.12 < metrics["rougeL"] < 0.3  # measured 0.18: headlines are not first sentences
+
+
+def test_extraction_without_baseline_returns_none():
+    assert task_for("task.kind=extraction", "task.fields=[A]").specialist_baseline([], []) is None
+    with pytest.raises(ValueError, match="specialist 'lead' is not one of"):
+        task_for("task.kind=extraction", "task.fields=[A]", "task.specialist=lead")
