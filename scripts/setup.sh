@@ -47,6 +47,6 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 
 # llama.cpp's HF -> GGUF converter ships in the llama-cpp-python sdist; fetch it once into the cache.
-"$VENV/bin/python" -m finetune.export.gguf --fetch-converter
+"$VENV/bin/python" scripts/fetch_llama_cpp_converter.py
 
 echo "finetune is set up in $VENV (torch $TORCH_NOW)"

@@ -1,0 +1,114 @@
+"""The model card (README.md) written next to the merged checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from finetune.pipeline import RunDir
+
+
+def _value(x: Any) -> str:
+    return str(getattr(x, "value", x))
+
+
+def _count_rows(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def _metrics_table(run: RunDir) -> list[str]:
+    if not run.metrics_path.is_file():
+        return ["Not evaluated yet: `python -m finetune run_dir=... stages=[evaluate]` writes metrics.json."]
+    metrics = json.loads(run.metrics_path.read_text())
+    head = metrics.get("headline_metric", "")
+    lines = [f"Test split, n = {metrics.get('n')}; headline metric `{head}`.", "",
+             f"| model | {head} | tokens/s |", "|---|---|---|"]
+    for name, entry in metrics.get("models", {}).items():
+        score = entry.get(head, entry.get("error", ""))
+        score = f"{score:.4f}" if isinstance(score, float) else str(score)
+        tps = entry.get("tokens_per_s")
+        lines.append(f"| {name} | {score} | {'' if tps is None else f'{tps:.1f}'} |")
+    return lines
+
+
+def model_card(cfg: DictConfig, run: RunDir, merge_info: dict) -> str:
+    m, t, meth = cfg.model, cfg.task, cfg.method
+    name = f"{m.name}-{t.name}"
+    method = _value(meth.name)
+    counts = {s: _count_rows(run.data_dir / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    train = run.stage_summary("train") if run.is_done("train") else {}
+    lora = "" if method == "full" else f", LoRA r={meth.lora_r} alpha={meth.lora_alpha}"
+    steps = train.get("global_step", meth.max_steps if meth.max_steps > 0 else f"{meth.epochs} epoch(s)")
+    quant = (cfg.export.gguf.quant_types[0] if cfg.export.get("gguf") and cfg.export.gguf.quant_types else "Q4_K_M")
+    system = t.system_prompt.strip()
+    lines = [
+        "---",
+        f"base_model: {m.hub_id}",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [finetune, {method}, {t.name}]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"{m.hub_id} ({m.params or '?'} parameters, `{_value(m.family)}` chat format) fine-tuned for one task: "
+        f"{t.description or t.name}",
+        "",
+        "## Task",
+        "",
+        f"- kind: {_value(t.kind)}; answer parsed and scored by `finetune.tasks` ({t.name})",
+        f"- user turn: `{t.prompt_template}`",
+        f"- system prompt: {json.dumps(system) if system else '(none)'}",
+        f"- data: {t.source or t.data.path or t.data.hub_dataset or '?'}; licence: {t.license or '?'}",
+        f"- examples: train {counts['train']}, validation {counts['validation']}, test {counts['test']}",
+        "",
+        "## Training",
+        "",
+        f"- method: {method}{lora}, lr {meth.lr}, {steps} steps, max length {meth.max_length}",
+        f"- merged in full precision; logits of merged vs adapter model: max |diff| = "
+        f"{merge_info.get('merge_logits_max_diff')}",
+        "",
+        "## Results",
+        "",
+        *_metrics_table(run),
+        "",
+        "## Use it",
+        "",
+        "Transformers (this folder):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'tok = AutoTokenizer.from_pretrained("{run.merged_dir}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{run.merged_dir}")',
+        "messages = " + json.dumps(([{"role": "system", "content": system}] if system else [])
+                                   + [{"role": "user", "content": t.prompt_template.replace("{input}", "...")}]),
+        "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        f"out = model.generate(**ids, max_new_tokens={t.max_new_tokens}, do_sample=False)",
+        "print(tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "Ollama (the GGUF export writes one Modelfile per quantization, chat template, stop tokens and "
+        "system prompt included):",
+        "",
+        "```sh",
+        f"cd {run.gguf_dir}",
+        f"ollama create {name.lower()}:{quant.lower()} -f Modelfile.{quant}",
+        f"ollama run {name.lower()}:{quant.lower()} \"{t.prompt_template.replace('{input}', '...')}\"",
+        "```",
+        "",
+        "llama.cpp:",
+        "",
+        "```sh",
+        f"llama-cli -m {run.gguf_dir}/{name}-{quant}.gguf -cnv --temp 0"
+        + (f" -sys {json.dumps(system)}" if system else ""),
+        "```",
+    ]
+    if cfg.export.get("gptq"):
+        lines += ["", f"A 4-bit GPTQ checkpoint is in `{run.gptq_dir}` (transformers + GPTQModel/optimum kernels)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""Write-then-rename helpers: an export is visible under its final name only once complete and verified.
+
+Everything in progress lives in a sibling whose name starts with `.tmp-`; a crash leaves only such
+names behind, and the next run of the stage removes them before it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger("finetune")
+
+TMP_PREFIX = ".tmp-"
+
+
+def clean_stale(parent: Path, name: str = "") -> list[str]:
+    """Remove leftovers `parent/.tmp-<name>*` of an interrupted earlier run; returns what was removed."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for path in sorted(parent.glob(f"{TMP_PREFIX}{name}*")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    if removed:
+        log.info("removed %d unfinished file(s) of an earlier run in %s: %s", len(removed), parent, removed)
+    return removed
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory `src` to `dst`, replacing an older `dst` (never leaving a mix)."""
+    if dst.exists():
+        old = dst.parent / f"{TMP_PREFIX}{dst.name}-old-{uuid.uuid4().hex[:8]}"
+        dst.rename(old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty sibling directory; when the block succeeds it becomes `final`, else it is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(final.parent, final.name + "-")
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact is not
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

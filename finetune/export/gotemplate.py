@@ -1,0 +1,65 @@
+"""Render an Ollama Modelfile's TEMPLATE with Go's text/template, as the Ollama server would.
+
+template_render.go (standard library only) carries ports of Ollama's Modelfile parser and of the
+template execution; it is built once with the `go` tool (Debian: `apt-get install golang-go`) and
+the binary is cached under ($FINETUNE_CACHE or ~/.cache/finetune)/bin, keyed by the source's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from finetune.export import ExportError
+from finetune.models import _file_lock, cache_root
+
+SOURCE = Path(__file__).with_name("template_render.go")
+
+
+def go_available() -> bool:
+    return shutil.which("go") is not None
+
+
+def renderer_binary() -> Path:
+    """The built renderer, compiled on first use."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    binary = cache_root() / "bin" / f"template_render-{digest}"
+    if binary.is_file():
+        return binary
+    go = shutil.which("go")
+    if go is None:
+        raise ExportError(
+            "checking the Modelfile TEMPLATE needs Go (Ollama renders templates with Go's text/template): "
+            "install it (Debian/Ubuntu: `apt-get install golang-go`, or https://go.dev/dl/), "
+            "or set export.verify=false to skip the export checks.")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(binary.parent / ".template_render.lock"):
+        if binary.is_file():
+            return binary
+        tmp = binary.parent / f".tmp-{binary.name}-{uuid.uuid4().hex[:8]}"
+        env = dict(os.environ)
+        env.setdefault("GOCACHE", str(cache_root() / "go-build"))
+        env.setdefault("GOPATH", str(cache_root() / "go"))
+        env["CGO_ENABLED"] = "0"
+        proc = subprocess.run([go, "build", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise ExportError(f"could not build {SOURCE.name} with {go}:\n{proc.stderr[-3000:]}")
+        os.replace(tmp, binary)
+    return binary
+
+
+def render_modelfile(modelfile: str, conversations: list[list[dict]]) -> tuple[list[dict], list[str]]:
+    """(parsed Modelfile commands [{name, args}], one rendered prompt per conversation)."""
+    request = {"modelfile": modelfile,
+               "conversations": [[{"role": m["role"], "content": m["content"]} for m in c] for c in conversations]}
+    proc = subprocess.run([str(renderer_binary())], input=json.dumps(request), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ExportError(f"Ollama would reject this Modelfile: {proc.stderr.strip()}")
+    out = json.loads(proc.stdout)
+    return out["commands"], out["prompts"]

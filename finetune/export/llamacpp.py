@@ -1,0 +1,226 @@
+"""llama.cpp tooling: find (or fetch once) its HF -> GGUF converter, quantize GGUFs, open models.
+
+The converter `convert_hf_to_gguf.py` must match the llama.cpp that runs the result, and it needs the
+`gguf-py` next to it (PyPI's `gguf` lags behind and fails with it). Both ship in the sdist of the
+installed llama-cpp-python under vendor/llama.cpp/; we extract just the converter, its `conversion/`
+package and `gguf-py/gguf` into a cache directory, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from finetune.export import ExportError
+from finetune.models import _file_lock, cache_root
+
+log = logging.getLogger("finetune")
+
+DEFAULT_VERSION = "0.3.36"
+CONVERTER = "convert_hf_to_gguf.py"
+# What the converter imports from its own checkout (the rest of llama.cpp is C++ we do not need).
+_KEEP = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE")
+
+# Quant type names (as llama.cpp's `llama-quantize` spells them) -> llama_cpp.LLAMA_FTYPE_* constants.
+QUANT_TYPES = {
+    "F32": "LLAMA_FTYPE_ALL_F32",
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "Q3_K_L": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+
+
+def llama_cpp_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        return DEFAULT_VERSION
+
+
+def converter_dir(version: str | None = None, fetch: bool = True) -> Path:
+    """Directory holding convert_hf_to_gguf.py + conversion/ + gguf-py/ for this llama-cpp-python.
+
+    Looked up in $FINETUNE_LLAMA_CPP_DIR (a llama.cpp checkout), then the cache
+    ($FINETUNE_CACHE or ~/.cache/finetune)/llama.cpp-<version>; fetched into the cache if missing.
+    """
+    override = os.environ.get("FINETUNE_LLAMA_CPP_DIR")
+    if override:
+        path = Path(override).expanduser()
+        if not (path / CONVERTER).is_file():
+            raise ExportError(f"FINETUNE_LLAMA_CPP_DIR={path} has no {CONVERTER}")
+        return path
+    version = version or llama_cpp_version()
+    dest = cache_root() / f"llama.cpp-{version}"
+    if (dest / CONVERTER).is_file():
+        return dest
+    if not fetch:
+        raise ExportError(f"llama.cpp's converter is not in {dest}; run scripts/fetch_llama_cpp_converter.py")
+    with _file_lock(dest.parent / f".llama.cpp-{version}.lock"):
+        if not (dest / CONVERTER).is_file():
+            fetch_converter(version, dest)
+    return dest
+
+
+def _download_sdist(version: str, into: Path) -> Path:
+    """The llama-cpp-python sdist: $FINETUNE_LLAMA_CPP_SDIST if set, else `pip download` (no build)."""
+    given = os.environ.get("FINETUNE_LLAMA_CPP_SDIST")
+    if given:
+        return Path(given).expanduser()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={version}", "-d", str(into)]
+    log.info("fetching llama.cpp's converter (once): %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(into.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise ExportError(
+            f"could not download the llama-cpp-python=={version} sdist that carries llama.cpp's converter:\n"
+            f"{proc.stderr[-2000:]}\nDownload it where you have network and set FINETUNE_LLAMA_CPP_SDIST=/path/to/"
+            f"llama_cpp_python-{version}.tar.gz, or FINETUNE_LLAMA_CPP_DIR=/path/to/llama.cpp (a checkout).")
+    return found[0]
+
+
+def fetch_converter(version: str, dest: Path) -> Path:
+    """Extract the converter and its gguf-py from the sdist into `dest`, atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-llama.cpp-", dir=dest.parent) as tmp:
+        sdist = _download_sdist(version, Path(tmp))
+        out = Path(tmp) / "extract"
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                parts = m.name.split("/", 1)
+                if len(parts) < 2 or not parts[1].startswith("vendor/llama.cpp/"):
+                    continue
+                rel = parts[1][len("vendor/llama.cpp/"):]
+                if (m.isfile() or m.isdir()) and any(rel == k or rel.startswith(k) for k in _KEEP):
+                    m.name = rel
+                    members.append(m)
+            tar.extractall(out, members=members, filter="data")
+        if not (out / CONVERTER).is_file() or not (out / "gguf-py" / "gguf").is_dir():
+            raise ExportError(f"{sdist.name} has no vendor/llama.cpp/{CONVERTER} with gguf-py")
+        (out / "SOURCE.txt").write_text(f"Extracted from {sdist.name} (vendor/llama.cpp), MIT licence.\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(out, dest)
+    log.info("llama.cpp converter ready in %s", dest)
+    return dest
+
+
+def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16") -> float:
+    """Run llama.cpp's converter in a subprocess (vendored gguf-py first on the path); returns seconds."""
+    conv = converter_dir()
+    env = dict(os.environ)
+    env.pop("NO_LOCAL_GGUF", None)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(conv / "gguf-py"), str(conv)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    cmd = [sys.executable, str(conv / CONVERTER), str(model_dir), "--outfile", str(out_path), "--outtype", outtype]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out_path.is_file():
+        raise ExportError(
+            f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}):\n"
+            f"$ {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return time.perf_counter() - start
+
+
+def normalize_quant_type(name: str) -> str:
+    key = str(name).upper()
+    if key not in QUANT_TYPES:
+        raise ExportError(f"export.gguf.quant_types: unknown quant type {name!r}; known: {', '.join(QUANT_TYPES)}")
+    return key
+
+
+def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int | None = None) -> float:
+    """llama.cpp's quantizer through llama-cpp-python; returns seconds."""
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, QUANT_TYPES[normalize_quant_type(quant_type)])
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = n_threads or default_threads()
+    start = time.perf_counter()
+    with _native_output() as captured:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.is_file():
+        raise ExportError(f"llama.cpp could not quantize {src.name} to {quant_type} (return code {rc}):\n"
+                          f"{captured.get('text', '')[-3000:]}")
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _native_output() -> Iterator[dict]:
+    """Capture what C code writes to stdout/stderr (llama.cpp logs every tensor); shown only on failure."""
+    captured: dict = {}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            captured["text"] = tmp.read().decode("utf-8", "replace")
+
+
+def default_threads() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def open_gguf(path: Path, n_ctx: int = 2048, n_threads: int | None = None, vocab_only: bool = False,
+              **kwargs: Any) -> Iterator[Any]:
+    """A llama_cpp.Llama on `path`, closed on exit."""
+    from llama_cpp import Llama
+
+    try:
+        # A vocabulary-only load still makes llama.cpp warn about the (absent) training context.
+        with _native_output() if vocab_only else contextlib.nullcontext():
+            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
+                        vocab_only=vocab_only, verbose=False, **kwargs)
+    except Exception as exc:
+        raise ExportError(f"llama.cpp cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def gguf_tokenize(llm: Any, text: str) -> list[int]:
+    """Token ids the way Ollama/llama.cpp tokenizes a rendered prompt: special tokens parsed, BOS added
+    when the GGUF asks for it."""
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+
+def gguf_adds_bos(llm: Any) -> bool:
+    return len(llm.tokenize(b"a", add_bos=True, special=False)) > len(llm.tokenize(b"a", add_bos=False))

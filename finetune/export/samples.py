@@ -1,0 +1,72 @@
+"""Real task examples for the export checks (the run's own data), and sample conversations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from finetune.pipeline import RunDir
+
+
+def read_rows(path: Path, limit: int | None = None) -> list[dict]:
+    rows = []
+    if not path.is_file():
+        return rows
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not JSON: {exc}") from exc
+                if limit and len(rows) >= limit:
+                    break
+    return rows
+
+
+def task_rows(run: RunDir, splits: tuple[str, ...] = ("test", "validation", "train"), limit: int = 1) -> list[dict]:
+    """The first rows of the first split that has any (prompt/completion rows written by the data stage)."""
+    for split in splits:
+        rows = read_rows(run.data_dir / f"{split}.jsonl", limit)
+        if rows:
+            return rows
+    return []
+
+
+def fallback_prompt(cfg: DictConfig) -> list[dict]:
+    """A prompt in the task's own format when the run has no data directory (export of an outside adapter)."""
+    user = cfg.task.prompt_template.replace("{input}", "123 Main St, Springfield, IL 62704")
+    system = cfg.task.system_prompt
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def task_prompt(cfg: DictConfig, run: RunDir) -> tuple[list[dict], str | None]:
+    """(prompt messages, reference completion text or None) of one real held-out example."""
+    rows = task_rows(run)
+    if not rows:
+        return fallback_prompt(cfg), None
+    completion = rows[0].get("completion") or []
+    return list(rows[0]["prompt"]), (completion[0]["content"] if completion else None)
+
+
+def sample_conversations(cfg: DictConfig, run: RunDir) -> list[tuple[str, list[dict], bool]]:
+    """(name, conversation as a client sends it, whether the Modelfile's SYSTEM applies) for the
+    template check: the task's real prompt, no system prompt, a client's own system prompt, several
+    turns, and awkward characters (quotes, backslashes, braces, template syntax, unicode)."""
+    prompt, completion = task_prompt(cfg, run)
+    user_only = [m for m in prompt if m["role"] != "system"]
+    answer = completion or "{\"answer\": 1}"
+    rows = task_rows(run, ("train",), limit=2)
+    second = rows[-1]["prompt"][-1]["content"] if rows else "And this one?"
+    odd = 'Quote " and """triple""" \\ backslash {{ .System }} {% raw %} <tag> – ünïcødé 🙂\n  indented line'
+    convs = [
+        ("task prompt", user_only, True),
+        ("no system prompt", user_only, False),
+        ("client system prompt", [{"role": "system", "content": "You are terse."}] + user_only, True),
+        ("several turns", user_only + [{"role": "assistant", "content": answer},
+                                       {"role": "user", "content": second}], True),
+        ("awkward characters", [{"role": "user", "content": odd}], True),
+    ]
+    return convs
