@@ -158,6 +158,7 @@ class MethodConfig:
     load_in_4bit: bool = False
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
+    cpu_4bit: bool = False  # qlora on a CPU: quantize anyway (slow; the default trains LoRA on the fp32 base)
     # optimisation
     lr: float = 2e-4
     lr_scheduler: str = "cosine"
@@ -175,6 +176,7 @@ class MethodConfig:
     precision: Precision = Precision.auto
     # evaluation / checkpoints
     eval_steps: int = 50
+    eval_examples: Optional[int] = None  # validation rows for the eval loss during training (None: all)
     save_steps: int = 50
     save_total_limit: int = 2
     logging_steps: int = 5

@@ -168,8 +168,21 @@ def wait_for(run: RunDir, stage: str, timeout_s: float = 3600) -> None:
         time.sleep(1)
 
 
+def quiet_progress_bars() -> None:
+    """Per-item progress bars (weights loading, dataset mapping) flood logs and CI output; the stages
+    log their own progress. Kept when a person watches a terminal."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def run_pipeline(cfg: DictConfig, root: Path) -> RunDir:
     run = RunDir(root)
+    quiet_progress_bars()
     stages = selected_stages(cfg)
     if world_size() > 1 and "run_dir=" not in " ".join(sys.argv):
         raise SystemExit(

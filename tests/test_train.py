@@ -1,0 +1,240 @@
+"""Training: QLoRA / LoRA / full through TRL's SFTTrainer on the packaged SmolLM2, tiny real runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from trainutil import ROOT, finetune_cmd, read_adapter, run_finetune, tiny_run, write_data
+
+from finetune.pipeline import RunDir
+from finetune.testing import compose
+from finetune.train import (
+    TrainingDiverged,
+    build_model,
+    build_trainer,
+    cpu_supports_bf16,
+    last_complete_checkpoint,
+    load_split,
+    resolve_precision,
+    sft_config,
+    train,
+)
+
+# ---------------------------------------------------------------- fast
+
+
+def test_precision_auto_follows_the_device():
+    method = compose(["method=lora"]).method
+    assert resolve_precision(method, "cpu") == ("bf16" if cpu_supports_bf16() else "fp32")
+    method.precision = "fp16"
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA GPU"):
+        resolve_precision(method, "cpu")
+    method.precision = "fp32"
+    assert resolve_precision(method, "cpu") == "fp32"
+
+
+def test_sft_config_takes_every_knob_from_the_method(tmp_path):
+    cfg = compose(["method=qlora", "method.lr=3e-4", "method.max_length=256", "method.eval_steps=10",
+                   "method.save_steps=25", "method.grad_accum=2", "method.seed=7", f"run_dir={tmp_path}"])
+    args = sft_config(cfg, RunDir(tmp_path), "cpu", "bf16", has_eval=True)
+    assert args.learning_rate == 3e-4 and args.max_length == 256 and args.gradient_accumulation_steps == 2
+    assert args.seed == args.data_seed == 7
+    assert args.use_cpu and args.bf16 and not args.fp16
+    assert args.completion_only_loss is True
+    assert args.eos_token == cfg.model.eos_token == "<|im_end|>"
+    assert args.eval_strategy == "steps" and args.eval_steps == 10
+    assert args.save_steps == 10  # 25 is not a multiple of eval_steps: best-checkpoint selection needs it
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss" and not args.greater_is_better
+    assert args.output_dir == str(tmp_path / "checkpoints")
+    assert not args.logging_nan_inf_filter
+    no_eval = sft_config(cfg, RunDir(tmp_path), "cpu", "fp32", has_eval=False)
+    assert no_eval.eval_strategy == "no" and not no_eval.load_best_model_at_end and not no_eval.bf16
+
+
+def test_rows_are_adapted_to_a_family_without_system_role(tmp_path):
+    run = RunDir(tmp_path)
+    write_data(run, 3, 1)
+    smol = load_split(run.data_dir / "train.jsonl", compose(["model=smollm2"]).model)
+    assert smol[0]["prompt"][0]["role"] == "system"
+    gemma = load_split(run.data_dir / "train.jsonl", compose(["model=gemma3-1b"]).model)
+    assert [m["role"] for m in gemma[0]["prompt"]] == ["user"]
+    assert gemma[0]["prompt"][0]["content"].startswith(smol[0]["prompt"][0]["content"] + "\n\n")
+    assert gemma[0]["completion"] == smol[0]["completion"]
+
+
+def test_bad_rows_name_the_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "x"}]}\n'
+                    '{"text": "no prompt here"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: expected \{'prompt'"):
+        load_split(path, compose([]).model)
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"train.jsonl:1: not a JSON object"):
+        load_split(path, compose([]).model)
+
+
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "adapter_model.safetensors").write_bytes(b"")
+        if complete:
+            (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / "checkpoint-8" / "trainer_state.json").write_text('{"global_st')  # cut mid-write
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+# ---------------------------------------------------------------- slow: real model, real TRL steps
+
+
+@pytest.mark.slow
+def test_qlora_base_is_nf4_double_quantized_with_lora_on_the_targets():
+    import bitsandbytes as bnb
+
+    fallback, _ = build_model(compose(["method=qlora"]), "cpu", "bf16")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in fallback.modules()), "CPU default: LoRA on fp32"
+    del fallback
+    cfg = compose(["method=qlora", "method.cpu_4bit=true"])
+    model, peft_config = build_model(cfg, "cpu", "bf16")
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 7 * model.config.num_hidden_layers  # q k v o gate up down in every layer
+    state = linear4[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # nested = double quantization
+    assert linear4[0].compute_dtype == torch.bfloat16
+    assert set(peft_config.target_modules) == set(cfg.model.lora_target_modules)
+    assert (peft_config.r, peft_config.lora_alpha) == (cfg.method.lora_r, cfg.method.lora_alpha)
+
+
+@pytest.mark.slow
+def test_end_of_turn_token_is_trained_and_prompt_is_not(tmp_path):
+    cfg, run = tiny_run(tmp_path, ["method=lora"])
+    trainer, info = build_trainer(cfg, run)
+    tok = trainer.processing_class
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.pad_token_id != eos_id  # padding never hides the end-of-turn token
+    assert info["rows_with_eos"] == info["rows"] == 16
+    row = trainer.train_dataset[0]
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    completion = json.loads(open(run.data_dir / "train.jsonl").readline())["completion"][0]["content"]
+    assert tok.decode(trained) == completion + "<|im_end|>\n"
+    assert eos_id in trained and row["labels"][: len(row["labels"]) - len(trained)] == [-100] * (
+        len(row["labels"]) - len(trained))
+
+
+@pytest.mark.slow
+def test_qlora_run_saves_adapter_log_and_best_checkpoint(tmp_path, caplog):
+    cfg, run = tiny_run(tmp_path, ["method=qlora", "method.cpu_4bit=true", "method.save_total_limit=1"])
+    with caplog.at_level("INFO", logger="finetune"):
+        summary = train(cfg, run)
+    assert summary["method"] == "qlora" and summary["global_step"] == 4 and summary["world_size"] == 1
+    assert summary["base_4bit"]
+    assert summary["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")
+    files = {p.name for p in run.adapter_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files
+    assert not (run.root / ".adapter.tmp").exists()
+    adapter_cfg = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == cfg.method.lora_r and adapter_cfg["peft_type"] == "LORA"
+    history = json.loads((run.root / "train_log.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]
+    assert summary["best_eval_loss"] == min(h["eval_loss"] for h in history if "eval_loss" in h)
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{summary['best_eval_step']}")
+    assert len(list(run.checkpoints_dir.glob("checkpoint-*"))) <= 2  # save_total_limit=1 keeps the best too
+    assert summary["tokens_per_second"] > 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("step 4/4 (100%)" in m and "tok/s" in m and "ETA" in m for m in lines)
+    assert any(m.startswith(f"adapter saved to {run.adapter_dir}") for m in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_lora_and_full_fine_tuning(tmp_path, method):
+    cfg, run = tiny_run(tmp_path, [f"method={method}", "method.max_steps=2", "method.precision=fp32"])
+    summary = train(cfg, run)
+    assert summary["global_step"] == 2 and summary["precision"] == "fp32"
+    files = {p.name for p in run.adapter_dir.iterdir()}
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert weights in files and "tokenizer_config.json" in files
+    if method == "full":
+        assert "config.json" in files and "adapter_config.json" not in files
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path):
+    # lr=0: the eval loss never improves, so patience 1 stops at the second evaluation.
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.lr=0", "method.max_steps=20",
+                                   "method.early_stopping_patience=1", "method.save_total_limit=5"])
+    summary = train(cfg, run)
+    assert summary["global_step"] == 4 and summary["max_steps"] == 20
+    assert summary["best_checkpoint"].endswith("checkpoint-2")
+
+
+@pytest.mark.slow
+def test_absurd_learning_rate_stops_with_advice_and_saves_nothing(tmp_path):
+    # lr=1e6 saturates SmolLM2 within one step: the loss jumps from ~2 to ln(49152) = 10.8, finite but useless.
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.lr=1e6", "method.max_steps=6", "method.eval_steps=3",
+                                   "method.save_steps=3"])
+    with pytest.raises(TrainingDiverged, match=r"(?s)diverged at step 2: loss = .*lower the learning rate "
+                                               r"\(method.lr=1e\+06; try 100000\)"):
+        train(cfg, run)
+    assert not run.adapter_dir.exists() and not (run.root / "train_log.json").exists()
+    assert not list(run.checkpoints_dir.glob("checkpoint-*"))  # stopped before the first save
+
+
+@pytest.mark.slow
+def test_nan_in_the_weights_stops_the_real_trainer(tmp_path):
+    from transformers import TrainerCallback
+
+    class PoisonAfterFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.eval_steps=4", "method.save_steps=4"])
+    trainer, _ = build_trainer(cfg, run, callbacks=[PoisonAfterFirstStep()])
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 2: (loss|grad_norm) = (nan|inf)"):
+        trainer.train()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_adapter(tmp_path):
+    """SIGKILL after the first checkpoint, re-run the same run_dir: the adapter equals an uninterrupted run's."""
+    overrides = ["method=qlora", "method.max_steps=6", "method.eval_steps=2", "method.save_steps=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for run_dir in (straight, killed):
+        write_data(RunDir(run_dir), n_train=12, n_validation=2)
+    run_finetune(finetune_cmd(straight, overrides))
+
+    proc = subprocess.Popen(finetune_cmd(killed, overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter").exists() and not RunDir(killed).is_done("train")
+    first = min(int(p.parent.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+
+    resumed = run_finetune(finetune_cmd(killed, overrides))
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    summary = RunDir(killed).stage_summary("train")
+    assert summary["resumed_from"] is not None and summary["global_step"] == 6 and first < 6
+
+    a, b = read_adapter(straight / "adapter"), read_adapter(killed / "adapter")
+    assert a.keys() == b.keys()
+    max_diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    # Measured on 2 CPU cores: bit-identical (deterministic CPU kernels, seeded sampler, restored RNG state).
+    assert max_diff == 0.0, f"adapters differ by {max_diff}"
+    losses = lambda d: [h["loss"] for h in json.loads((d / "train_log.json").read_text()) if "loss" in h]  # noqa: E731
+    assert losses(killed)[-1] == losses(straight)[-1]
