@@ -54,7 +54,7 @@ class PackagedGGUF:
 
     distributions: List[str] = field(default_factory=list)  # PyPI names, one per part, in order
     files: List[str] = field(default_factory=list)  # path of each part inside its distribution
-    assemble: Optional[str] = None  # "module:function" returning the joined GGUF path
+    assemble: Optional[str] = None  # "module:function", called as function(output_path, overwrite=True)
     sha256: Optional[str] = None  # of the joined file, checked once before conversion
     install: str = ""  # the pip command a user runs to get it
 
@@ -233,7 +233,7 @@ class TrackingConfig:
 
 @dataclass
 class EvaluateConfig:
-    max_examples: Optional[int] = 100  # of the test split; None = all
+    max_examples: Optional[int] = 50  # of the test split (CPU-sized; None = all); the same rows for every model
     batch_size: int = 16
     do_sample: bool = False  # greedy by default
     temperature: float = 0.7

@@ -13,7 +13,7 @@ Order of work, all before any training:
 5. count tokens with the model's chat template: examples longer than method.max_length are dropped
    from train/validation (counted; test keeps them);
 6. cap train / validation+test at task.data.max_train_examples / max_eval_examples;
-7. render rows in TRL's prompt/completion conversational format (notes/CONTRACTS.md).
+7. render rows in TRL's prompt/completion conversational format (docs/architecture.md).
 
 `tokenize_row` gives the input_ids/labels of one row with completion-only loss over exactly the
 answer tokens plus the end-of-turn token, for tests and cross-checks of TRL.
@@ -275,10 +275,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a split file written by prepare (plain JSON: extraction references keep their keys)."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+SPLIT_ROW = "{'id', 'prompt': [messages], 'completion': [assistant message], 'reference'}"
+
+
+def read_rows(path: Path, limit: int | None = None, required: tuple[str, ...] = ("prompt", "completion")) -> list[dict]:
+    """Rows of a split file written by the data stage (plain JSON: extraction references keep their keys).
+
+    A line that is not a JSON object, or lacks one of `required`, stops with DataError naming file:line."""
+    path = Path(path)
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not a JSON object: {exc}") from None
+            missing = [k for k in required if not isinstance(row, dict) or k not in row
+                       or (k in ("prompt", "completion") and not row[k])]
+            if missing:
+                got = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{path}:{lineno}: expected {SPLIT_ROW} (the data stage's prompt/completion "
+                                f"format); missing {missing}, got keys {got}")
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    return rows
 
 
 def prepare(cfg: DictConfig, run: Any, tokenizer: Any = None) -> dict:

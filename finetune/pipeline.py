@@ -23,6 +23,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import STAGE_ORDER
+from finetune.data_sources import DataError
 
 log = logging.getLogger("finetune")
 
@@ -213,7 +214,10 @@ def run_pipeline(cfg: DictConfig, root: Path) -> RunDir:
         run.clear(stage)
         log.info("[%s] starting", stage)
         start = time.time()
-        summary = stage_function(stage)(cfg, run) or {}
+        try:
+            summary = stage_function(stage)(cfg, run) or {}
+        except DataError as exc:  # unusable input: the message names the file and row
+            raise SystemExit(f"error: [{stage}] {exc}") from None
         summary["seconds"] = round(time.time() - start, 1)
         if is_main_process():
             run.mark_done(stage, summary)

@@ -13,24 +13,24 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from finetune import tracking
 from finetune.callbacks import DivergenceGuard, ProgressLog, TrainingDiverged
+from finetune.checkpoints import last_complete_checkpoint, resume_checkpoint, save_final
+from finetune.data import read_rows
+from finetune.data_sources import DataError
 from finetune.models import adapt_messages, device_for, load_model, load_tokenizer
 
 log = logging.getLogger("finetune")
 
-__all__ = ["train", "TrainingDiverged", "resolve_precision", "load_split", "last_complete_checkpoint"]
+__all__ = ["train", "build_trainer", "TrainingDiverged", "resolve_precision", "load_split", "last_complete_checkpoint"]
 
 TRAIN_LOG = "train_log.json"
-# Knobs whose change makes a checkpoint of this run the wrong starting point (a warning, not an error).
-_RESUME_SENSITIVE = ["lora_r", "lora_alpha", "lora_dropout", "lr", "lr_scheduler", "batch_size", "grad_accum",
-                     "max_length", "packing", "seed", "max_steps", "epochs", "precision"]
+
 
 
 def _value(x: Any) -> str:
@@ -87,25 +87,13 @@ def _sharded() -> bool:
 def load_split(path: Path, model_cfg: DictConfig) -> list[dict]:
     """Prompt/completion rows of one split, with the prompt adapted to the model family (e.g. no system role)."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON object: {exc}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), list) or not row.get("completion"):
-                raise ValueError(
-                    f"{path}:{lineno}: expected {{'prompt': [messages], 'completion': [assistant message]}} "
-                    f"(TRL prompt/completion conversational format), got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}"
-                )
-            try:
-                clean = lambda msgs: [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]  # noqa: E731
-                rows.append({"prompt": adapt_messages(clean(row["prompt"]), model_cfg),
-                             "completion": clean(row["completion"])})
-            except (KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: every message needs 'role' and 'content' ({exc!r})") from None
+    for lineno, row in enumerate(read_rows(path), 1):
+        try:
+            clean = [[{"role": str(m["role"]), "content": str(m["content"])} for m in row[k]]
+                     for k in ("prompt", "completion")]
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{path}: row {lineno}: every message needs 'role' and 'content' ({exc!r})") from None
+        rows.append({"prompt": adapt_messages(clean[0], model_cfg), "completion": clean[1]})
     return rows
 
 
@@ -155,11 +143,11 @@ def build_model(cfg: DictConfig, device: str, precision: str) -> tuple[Any, Any]
     compute_dtype = _dtype(precision)
     device_map = {"": local_rank()} if device == "cuda" and not _sharded() else None
     if name == "qlora" and device != "cuda" and not method.cpu_4bit:
-        # bitsandbytes has no fast 4-bit CPU kernel offline (it falls back to a path about 7x slower per
-        # step than LoRA on the fp32 base, measured here) and at these sizes activations and logits, not
-        # weights, fill the RAM: on CPU the same LoRA trains on the full-precision base instead.
+        # On a CPU, 4-bit buys nothing at these sizes: activations and logits, not weights, fill the RAM,
+        # bitsandbytes' CPU path is ~10% slower per step (73 vs 66 tok/s, docs/training.md), and NF4 on
+        # top of a GGUF-derived base starts from a higher loss. The same LoRA trains on the fp32 base.
         log.warning("method=qlora on CPU: training the LoRA adapter on the full-precision base (4-bit "
-                    "bitsandbytes is several times slower on CPU and saves no RAM at this size); "
+                    "saves no RAM at this size and bitsandbytes' CPU path is slower); "
                     "method.cpu_4bit=true forces 4-bit")
         name = "lora"
     if name == "qlora":
@@ -250,53 +238,6 @@ def sft_config(cfg: DictConfig, run, device: str, precision: str, has_eval: bool
     )
 
 
-def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest checkpoint whose trainer_state.json (written last) is complete; a run killed while
-    saving leaves a partial folder, which is removed so that resuming never starts from it."""
-    if not checkpoints_dir.is_dir():
-        return None
-    found = []
-    for path in checkpoints_dir.glob("checkpoint-*"):
-        step = path.name.split("-")[-1]
-        if not (path.is_dir() and step.isdigit()):
-            continue
-        try:
-            state = json.loads((path / "trainer_state.json").read_text())
-            if state.get("global_step") == int(step):
-                found.append((int(step), path))
-                continue
-        except (OSError, ValueError):
-            pass
-        if int(os.environ.get("RANK", "0")) == 0:
-            log.warning("removing incomplete checkpoint %s (the run stopped while saving it)", path)
-            shutil.rmtree(path, ignore_errors=True)
-    return max(found)[1] if found else None
-
-
-def resume_checkpoint(cfg: DictConfig, run) -> Path | None:
-    """The checkpoint to continue from (resume=true), after checking the method did not change."""
-    method_path = run.checkpoints_dir / "method.json"
-    method_now = OmegaConf.to_container(cfg.method, resolve=True, enum_to_str=True)
-    if not cfg.resume:
-        if run.checkpoints_dir.exists() and int(os.environ.get("RANK", "0")) == 0:
-            log.info("resume=false: removing old checkpoints in %s", run.checkpoints_dir)
-            shutil.rmtree(run.checkpoints_dir)
-        checkpoint = None
-    else:
-        checkpoint = last_complete_checkpoint(run.checkpoints_dir)
-    if checkpoint is not None and method_path.is_file():
-        before = json.loads(method_path.read_text())
-        changed = [f"{k}: {before.get(k)!r} -> {method_now.get(k)!r}" for k in _RESUME_SENSITIVE
-                   if before.get(k) != method_now.get(k)]
-        if changed:
-            log.warning("resuming %s with changed settings (%s): the optimizer and scheduler state come from the "
-                        "checkpoint; use resume=false or a new run_dir to start over", checkpoint, "; ".join(changed))
-    if int(os.environ.get("RANK", "0")) == 0:
-        run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        method_path.write_text(json.dumps(method_now, indent=2))
-    return checkpoint
-
-
 def build_trainer(cfg: DictConfig, run, callbacks: list | None = None) -> tuple[Any, dict]:
     """The SFTTrainer for this run and what was decided on the way (device, precision, data sizes)."""
     import torch
@@ -329,23 +270,6 @@ def build_trainer(cfg: DictConfig, run, callbacks: list | None = None) -> tuple[
             "train_examples": len(train_ds), "validation_examples": len(eval_ds) if eval_ds is not None else 0,
             **check_eos_trained(trainer.train_dataset, tokenizer, str(cfg.model.eos_token), int(cfg.method.max_length))}
     return trainer, info
-
-
-def _save_final(trainer: Any, run) -> None:
-    """Adapter (or full model) + tokenizer into a temporary folder, renamed into place when complete."""
-    tmp, old = run.root / ".adapter.tmp", run.root / ".adapter.old"
-    if trainer.is_world_process_zero():
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # every rank calls it (FSDP/ZeRO-3 gather); rank 0 writes
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(str(tmp))
-        shutil.rmtree(old, ignore_errors=True)
-        if run.adapter_dir.exists():
-            run.adapter_dir.rename(old)
-        tmp.rename(run.adapter_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
 
 
 def _check_finite(trainer: Any) -> None:
@@ -381,7 +305,7 @@ def train(cfg: DictConfig, run) -> dict:
             log.info("resuming from %s", checkpoint)
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _check_finite(trainer)
-        _save_final(trainer, run)
+        save_final(trainer, run)
         history = trainer.state.log_history
         if main:
             tmp = run.root / (TRAIN_LOG + ".tmp")

@@ -34,6 +34,7 @@ def main() -> None:
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="bench_pipeline_")) / "run"
     cmd = [sys.executable, "-m", "finetune", f"run_dir={run_dir}", *a.overrides]
     log_path = Path(a.log) if a.log else run_dir.parent / "bench.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     print("running:", " ".join(cmd), f"(log: {log_path})", flush=True)
     start = time.time()

@@ -206,7 +206,7 @@ def build_ours(cfg, root: Path):
     return run, trainer, info
 
 
-def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps: int):
+def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps: int, fp32: bool = False):
     import torch
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -219,7 +219,8 @@ def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps
     m = cfg.method
     args = SFTConfig(output_dir=str(out_dir), use_cpu=not torch.cuda.is_available(), learning_rate=lr,
                      per_device_train_batch_size=batch_size, max_length=int(m.max_length), max_steps=total_steps,
-                     save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000, seed=int(m.seed))
+                     save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000, seed=int(m.seed),
+                     **({"bf16": False} if fp32 else {}))
     targets = list(cfg.model.lora_target_modules)
     peft_config = None
     if str(getattr(m.name, "value", m.name)) != "full":
@@ -257,6 +258,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--baseline-batch", type=int, default=None, help="default: our batch_size * grad_accum")
     p.add_argument("--baseline-lr", type=float, default=None, help="default: our method.lr")
+    p.add_argument("--baseline-fp32", action="store_true",
+                   help="plain TRL with bf16=False (TRL's default is bf16 autocast, even on a CPU without bf16 units)")
     p.add_argument("--eval-rows", type=int, default=24)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--arms", default="ours,plain", help="ours,plain | ours | plain (memory of one arm alone)")
@@ -293,7 +296,7 @@ def main() -> None:
     arms_wanted = a.arms.split(",")
     batch = a.baseline_batch or int(m.batch_size) * int(m.grad_accum)
     lr = a.baseline_lr if a.baseline_lr is not None else float(m.lr)
-    plain = build_plain(cfg, run, tmp / "plain", batch, lr, total_steps) if "plain" in arms_wanted else None
+    plain = build_plain(cfg, run, tmp / "plain", batch, lr, total_steps, a.baseline_fp32) if "plain" in arms_wanted else None
     print(f"plain built at {time.time() - t0:.0f}s", flush=True)
     val = tokenized_validation(cfg, run, plain or ours, a.eval_rows)
     setup_s = time.time() - t0
@@ -312,7 +315,8 @@ def main() -> None:
         pa = plain.args
         settings["plain"] = {"precision": "bf16" if pa.bf16 else "fp16" if pa.fp16 else "fp32",
                              "batch_size": batch, "grad_accum": 1, "packing": bool(pa.packing),
-                             "max_length": pa.max_length, "lr": lr, "scheduler": str(pa.lr_scheduler_type.value)}
+                             "max_length": pa.max_length, "lr": lr, "scheduler": str(pa.lr_scheduler_type.value),
+                             "grad_ckpt": bool(pa.gradient_checkpointing)}
     curves = {arm.name: [] for arm in arms}
     base_loss = validation_loss(arms[0].trainer.model, val)
     for arm in arms:
@@ -361,7 +365,7 @@ def main() -> None:
            "ratio_ours_over_plain_tok_s": ratio, "overrides": a.overrides, "arms": results,
            "curves": {k: [(int(t), round(l, 4)) for t, l in v] for k, v in curves.items()}}
     print()
-    print(_bench.table(results, ["arm", "method", "precision", "batch_size", "grad_accum", "packing", "max_length",
+    print(_bench.table(results, ["arm", "method", "precision", "batch_size", "grad_accum", "packing", "grad_ckpt", "max_length",
                                  "tok_s", "label_tok_s", "tokens_per_step", "gflop_s", "util_fp32", "util_bf16",
                                  "val_loss_at_equal_tokens", "val_loss_end"]))
     print(f"\nours/plain tokens/s: {ratio}   (loss compared at {int(common)} trained tokens; first round = warm-up, "

@@ -287,3 +287,23 @@ def test_bad_extraction_answers_are_counted(tmp_path, tokenizer):
     assert report["problems"] == {"invalid_json": 1, "unknown_keys": 1, "malformed_row": 1}
     where = {i["kind"]: i["row"] for i in report["issues"]}
     assert where == {"invalid_json": 3, "unknown_keys": 4, "malformed_row": 7}  # the quoted newline spans 5-6
+
+
+def test_a_damaged_split_file_stops_every_reader_with_file_and_line(tmp_path):
+    """train, evaluate and the export checks read the split files through read_rows: one error format."""
+    from finetune.data_sources import DataError
+    from finetune.evaluate import load_rows
+
+    good = {"id": "x-1", "prompt": [{"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "ok"}], "reference": "ok"}
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({k: v for k, v in good.items() if k != "reference"}) + "\n")
+    assert read_rows(path) == [good, {k: v for k, v in good.items() if k != "reference"}]
+    with pytest.raises(DataError, match=r"test.jsonl:3: expected .* missing \['reference'\]"):
+        load_rows(path)
+    path.write_text(json.dumps(good) + "\n" + '{"prompt": [], "completion": "x"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:2: .*missing \['prompt'\]"):
+        read_rows(path)
+    path.write_text('{"id": 1,\n')
+    with pytest.raises(DataError, match=r"test.jsonl:1: not a JSON object"):
+        read_rows(path)

@@ -71,7 +71,7 @@ def test_bad_rows_name_the_file_and_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "x"}]}\n'
                     '{"text": "no prompt here"}\n')
-    with pytest.raises(ValueError, match=r"train.jsonl:2: expected \{'prompt'"):
+    with pytest.raises(ValueError, match=r"train.jsonl:2: expected .*missing \['prompt', 'completion'\]"):
         load_split(path, compose([]).model)
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"train.jsonl:1: not a JSON object"):
@@ -208,7 +208,9 @@ def test_nan_in_the_weights_stops_the_real_trainer(tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     """SIGKILL after the first checkpoint, re-run the same run_dir: the adapter equals an uninterrupted run's."""
-    overrides = ["method=qlora", "method.max_steps=6", "method.eval_steps=2", "method.save_steps=2"]
+    # Real 4-bit: the QLoRA path is the one where TRL's bf16 adapter cast once broke bit-equality on resume.
+    overrides = ["method=qlora", "method.cpu_4bit=true", "method.max_steps=6", "method.eval_steps=2",
+                 "method.save_steps=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for run_dir in (straight, killed):
         write_data(RunDir(run_dir), n_train=12, n_validation=2)

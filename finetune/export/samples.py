@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from finetune import data
 from finetune.pipeline import RunDir
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[dict]:
-    rows = []
-    if not path.is_file():
-        return rows
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not JSON: {exc}") from exc
-                if limit and len(rows) >= limit:
-                    break
-    return rows
+    """The split's rows (none when the run has no such split)."""
+    return data.read_rows(path, limit) if path.is_file() else []
 
 
 def task_rows(run: RunDir, splits: tuple[str, ...] = ("test", "validation", "train"), limit: int = 1) -> list[dict]:
