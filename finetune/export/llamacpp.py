@@ -130,8 +130,11 @@ def fetch_converter(version: str, dest: Path) -> Path:
     return dest
 
 
-def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16") -> float:
-    """Run llama.cpp's converter in a subprocess (vendored gguf-py first on the path); returns seconds."""
+def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", model_name: str | None = None) -> float:
+    """Run llama.cpp's converter in a subprocess (vendored gguf-py first on the path); returns seconds.
+
+    `model_name` becomes the GGUF's general.name (else the converter takes the folder name). llama.cpp reads
+    tokenizer rules from it: only a model named like Phi-3 gets Phi-3's whitespace stripping after chat tokens."""
     conv = converter_dir()
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)
@@ -139,6 +142,8 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16") ->
         [str(conv / "gguf-py"), str(conv)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, str(conv / CONVERTER), str(model_dir), "--outfile", str(out_path), "--outtype", outtype]
+    if model_name:
+        cmd += ["--model-name", model_name]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.is_file():

@@ -9,7 +9,9 @@ template, a generation config that stops at every end-of-turn token, and a model
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from finetune.export import ExportError
 from finetune.export.card import model_card
 from finetune.export.files import dir_size, staged_dir
 from finetune.export.samples import task_prompt
-from finetune.models import load_model, load_tokenizer
+from finetune.models import SENTENCEPIECE_FILE, load_model, load_tokenizer, sentencepiece_model_file
 from finetune.pipeline import RunDir
 
 log = logging.getLogger("finetune")
@@ -43,6 +45,57 @@ def run_tokenizer(cfg: DictConfig, run: RunDir) -> Any:
     """The tokenizer training used (saved with the adapter), else the model's own."""
     src = run.adapter_dir if has_tokenizer(run.adapter_dir) else None
     return load_tokenizer(cfg.model, path=str(src) if src else None)
+
+
+def complete_tokenizer_config(tokenizer: Any, dest: Path) -> dict:
+    """Write into dest/tokenizer_config.json what transformers 5 keeps only in tokenizer.json and llama.cpp's
+    converter reads only from tokenizer_config.json (transformers 4 wrote both there):
+
+    - add_bos_token / add_eos_token, as the tokenizer behaves. The converter reads a post-processor that
+      adds nothing as "unset", and llama.cpp then adds BOS to every prompt of a SentencePiece model
+      (Phi-3) trained without one.
+    - added_tokens_decoder, plus the user-defined pieces of dest/tokenizer.model. The SentencePiece
+      converter takes user-defined pieces from it only; without them Gemma's runs of spaces become
+      ordinary pieces and llama.cpp splits "\n  indented" differently from transformers. (A piece such
+      as "▁▁" never matches raw text as an added token, so transformers tokenizes as before.)
+    """
+    ids = tokenizer("a")["input_ids"]
+    added = {i: {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+             for i, t in tokenizer.added_tokens_decoder.items()}
+    for i, piece in _user_defined_pieces(dest / SENTENCEPIECE_FILE).items():
+        added.setdefault(i, {"content": piece, "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False, "special": False})
+    extra = {
+        "add_bos_token": tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id,
+        "add_eos_token": tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id,
+        "added_tokens_decoder": {str(i): added[i] for i in sorted(added)},
+    }
+    path = dest / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**config, **extra}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return extra
+
+
+def _user_defined_pieces(path: Path) -> dict[int, str]:
+    if not path.is_file():
+        return {}
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return {i: p.piece for i, p in enumerate(proto.pieces) if p.type == pb.ModelProto.SentencePiece.USER_DEFINED}
+
+
+def copy_sentencepiece_model(cfg: DictConfig, run: RunDir, dest: Path) -> Path | None:
+    """tokenizer.model (SentencePiece families: Gemma, Phi-3, Llama 2) next to the merged weights: llama.cpp's
+    converter reads it and transformers 5's save_pretrained does not write it."""
+    src = run.adapter_dir / SENTENCEPIECE_FILE
+    if not src.is_file():
+        src = sentencepiece_model_file(cfg.model)
+    if src is None:
+        return None
+    return Path(shutil.copyfile(src, dest / SENTENCEPIECE_FILE))
 
 
 def sample_ids(cfg: DictConfig, run: RunDir, tokenizer: Any, max_tokens: int = 256) -> Any:
@@ -142,6 +195,8 @@ def merge(cfg: DictConfig, run: RunDir) -> dict:
     with staged_dir(run.merged_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        copy_sentencepiece_model(cfg, run, tmp)
+        complete_tokenizer_config(tokenizer, tmp)
         del model
         gc.collect()
         attn = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
