@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.pipeline import is_main_process
+
 log = logging.getLogger("finetune")
 
 # Knobs whose change makes a checkpoint of this run the wrong starting point (a warning, not an error).
 _RESUME_SENSITIVE = ["lora_r", "lora_alpha", "lora_dropout", "lr", "lr_scheduler", "batch_size", "grad_accum",
                      "max_length", "packing", "seed", "max_steps", "epochs", "precision"]
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -45,7 +42,7 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
                 continue
         except (OSError, ValueError):
             pass
-        if _is_main():
+        if is_main_process():
             log.warning("removing incomplete checkpoint %s (the run stopped while saving it)", path)
             shutil.rmtree(path, ignore_errors=True)
     return max(found)[1] if found else None
@@ -56,7 +53,7 @@ def resume_checkpoint(cfg: DictConfig, run) -> Path | None:
     method_path = run.checkpoints_dir / "method.json"
     method_now = OmegaConf.to_container(cfg.method, resolve=True, enum_to_str=True)
     if not cfg.resume:
-        if run.checkpoints_dir.exists() and _is_main():
+        if run.checkpoints_dir.exists() and is_main_process():
             log.info("resume=false: removing old checkpoints in %s", run.checkpoints_dir)
             shutil.rmtree(run.checkpoints_dir)
         checkpoint = None
@@ -69,7 +66,7 @@ def resume_checkpoint(cfg: DictConfig, run) -> Path | None:
         if changed:
             log.warning("resuming %s with changed settings (%s): the optimizer and scheduler state come from the "
                         "checkpoint; use resume=false or a new run_dir to start over", checkpoint, "; ".join(changed))
-    if _is_main():
+    if is_main_process():
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         method_path.write_text(json.dumps(method_now, indent=2))
     return checkpoint

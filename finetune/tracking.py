@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.pipeline import is_main_process
+
 log = logging.getLogger("finetune")
 
 WANDB_HOST = "api.wandb.ai"
@@ -123,10 +125,6 @@ def _env(cfg: DictConfig, run) -> dict[str, str]:
     return {}
 
 
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 @contextlib.contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in values}
@@ -145,7 +143,7 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 def tracker(cfg: DictConfig, run) -> Iterator[None]:
     """Around training: the tracker's environment (restored afterwards) and, on rank 0, its run."""
     name = tracker_name(cfg)
-    if name == "none" or not _is_main():
+    if name == "none" or not is_main_process():
         yield
         return
     run.root.mkdir(parents=True, exist_ok=True)
@@ -218,7 +216,7 @@ def _last_step(run) -> int:
 def log_results(cfg: DictConfig, run, metrics: dict, tables: dict[str, list[dict]], artifacts: dict[str, str]) -> None:
     """Log the evaluation (metrics, per-example tables, paths of the exported artifacts) to the run's tracker."""
     name = tracker_name(cfg)
-    if name == "none" or not _is_main():
+    if name == "none" or not is_main_process():
         return
     flat = {f"results/{k}": v for k, v in _flatten(metrics).items()}
     artifacts = {k: str(v) for k, v in artifacts.items()}

@@ -24,13 +24,13 @@ from finetune.checkpoints import last_complete_checkpoint, resume_checkpoint, sa
 from finetune.data import read_rows
 from finetune.data_sources import DataError
 from finetune.models import adapt_messages, device_for, load_model, load_tokenizer
+from finetune.pipeline import world_size
 
 log = logging.getLogger("finetune")
 
 __all__ = ["train", "build_trainer", "TrainingDiverged", "resolve_precision", "load_split", "last_complete_checkpoint"]
 
 TRAIN_LOG = "train_log.json"
-
 
 
 def _value(x: Any) -> str:
@@ -65,10 +65,6 @@ def _dtype(precision: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def local_rank() -> int:
