@@ -30,6 +30,14 @@ class GGUFVocab:
     add_space_prefix: bool
 
 
+def tokenizer_model(gguf_path: Path) -> str:
+    """The GGUF's tokenizer.ggml.model ('llama' = SentencePiece, 'gpt2' = BPE), read from its header only."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.model")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else ""
+
+
 def read_gguf_vocab(gguf_path: Path) -> GGUFVocab:
     """The vocabulary of a GGUF, as llama.cpp reads it (about 2 s for Gemma's 262k tokens)."""
     import llama_cpp
@@ -104,8 +112,8 @@ def sentencepiece_model(vocab: GGUFVocab, n_pieces: int | None = None) -> bytes:
 
 def write_sentencepiece_model(gguf_path: Path, out_path: Path, n_pieces: int | None = None) -> Path | None:
     """Write `out_path` (tokenizer.model) from the GGUF's vocabulary; None if it is not SentencePiece."""
-    vocab = read_gguf_vocab(gguf_path)
-    if vocab.model != "llama":
+    if tokenizer_model(gguf_path) != "llama":  # BPE (gpt2) vocabularies need no tokenizer.model
         return None
+    vocab = read_gguf_vocab(gguf_path)
     Path(out_path).write_bytes(sentencepiece_model(vocab, n_pieces))
     return Path(out_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from finetune.export.llamacpp import open_gguf
-from finetune.gguf_vocab import read_gguf_vocab, sentencepiece_model, write_sentencepiece_model
+from finetune.gguf_vocab import read_gguf_vocab, sentencepiece_model, tokenizer_model, write_sentencepiece_model
 from finetune.models import load_tokenizer, packaged_gguf_path
 from finetune.testing import compose
 
@@ -30,7 +30,7 @@ def test_rebuilt_sentencepiece_model_tokenizes_like_the_original(name, tmp_path)
 
     gguf = llama_cpp_vocab(name)
     vocab = read_gguf_vocab(gguf)
-    assert vocab.model == "llama" and len(vocab.tokens) >= 32000
+    assert vocab.model == tokenizer_model(gguf) == "llama" and len(vocab.tokens) >= 32000
     path = tmp_path / "tokenizer.model"
     path.write_bytes(sentencepiece_model(vocab, n_pieces=32000))  # Phi-3's chat tokens are added tokens
     sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -43,6 +43,7 @@ def test_rebuilt_sentencepiece_model_tokenizes_like_the_original(name, tmp_path)
 
 def test_a_byte_level_vocabulary_has_no_sentencepiece_model(tmp_path):
     gguf = packaged_gguf_path(compose(["model=smollm2"]).model)  # SmolLM2: GPT-2 style BPE
+    assert tokenizer_model(gguf) == "gpt2"  # read from the header: no llama.cpp needed (GPU hosts lack it)
     assert write_sentencepiece_model(gguf, tmp_path / "tokenizer.model") is None
     assert not (tmp_path / "tokenizer.model").exists()
 
