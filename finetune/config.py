@@ -162,7 +162,7 @@ class MethodConfig:
     # optimisation
     lr: float = 2e-4
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.03  # of the planned steps, rounded down (short runs: none, never a step at lr 0)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
@@ -173,6 +173,7 @@ class MethodConfig:
     max_length: int = 512
     packing: bool = False
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # torch.compile the model (GPU: pays off over long runs; compiles in round 1)
     precision: Precision = Precision.auto
     # evaluation / checkpoints
     eval_steps: int = 50

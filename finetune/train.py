@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from finetune.pipeline import world_size
 
 log = logging.getLogger("finetune")
 
-__all__ = ["train", "build_trainer", "TrainingDiverged", "resolve_precision", "load_split", "last_complete_checkpoint"]
+__all__ = ["train", "build_trainer", "trainer_class", "TrainingDiverged", "resolve_precision", "load_split", "last_complete_checkpoint"]
 
 TRAIN_LOG = "train_log.json"
 
@@ -179,6 +180,61 @@ def build_model(cfg: DictConfig, device: str, precision: str) -> tuple[Any, Any]
 
 
 # ---------------------------------------------------------------- trainer
+_COMPACT = threading.local()
+
+
+def _install_compact_lm_head() -> bool:
+    """Let TRL's fused LM head score only the completion positions on every device, not only on Triton ones.
+
+    TRL 1.16 projects through the 49k-vocabulary head (log-probs, entropy, top-1, in chunks) only where the label
+    is not -100 on CUDA/XPU, but at EVERY position elsewhere, to keep tile shapes static for Neuron's compiler.
+    On a CPU that is prompt and padding too: py-spy put 26% of a training step in that forward alone, with
+    completion tokens ~37% of the real ones. The loss and the logged metrics are the same either way (masked
+    positions are zeroed); only our trainer turns it on (a thread-local flag around compute_loss), so a plain
+    SFTTrainer in the same process (scripts/bench_train.py's baseline) keeps TRL's behaviour.
+    Returns False, and changes nothing, if TRL no longer decides it through trl.trainer.utils._use_triton.
+    """
+    import trl.trainer.utils as trl_utils
+
+    if getattr(trl_utils, "_finetune_compact_lm_head", False):
+        return True
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        log.debug("trl.trainer.utils._use_triton is gone: LM head scored as TRL decides")
+        return False
+
+    def use_compact(device) -> bool:
+        return original(device) or getattr(_COMPACT, "on", False)
+
+    trl_utils._use_triton = use_compact
+    trl_utils._finetune_compact_lm_head = True
+    return True
+
+
+def trainer_class() -> type:
+    """SFTTrainer whose loss scores only completion positions through the LM head (see _install_compact_lm_head)."""
+    from trl import SFTTrainer
+
+    global _TRAINER
+    if _TRAINER is None:
+        _install_compact_lm_head()
+
+        class FinetuneSFTTrainer(SFTTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                _COMPACT.on = True
+                try:
+                    return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                                num_items_in_batch=num_items_in_batch)
+                finally:
+                    _COMPACT.on = False
+
+        _TRAINER = FinetuneSFTTrainer
+    return _TRAINER
+
+
+_TRAINER: type | None = None
+
+
 def sft_config(cfg: DictConfig, run, device: str, precision: str, has_eval: bool) -> Any:
     from trl import SFTConfig
 
@@ -197,7 +253,7 @@ def sft_config(cfg: DictConfig, run, device: str, precision: str, has_eval: bool
         data_seed=int(m.seed),  # seeded sampler: the same data order on resume and in every process
         learning_rate=float(m.lr),
         lr_scheduler_type=str(m.lr_scheduler),
-        warmup_steps=float(m.warmup_ratio),  # < 1: a ratio of the total steps
+        warmup_steps=0,  # set from method.warmup_ratio once the number of steps is known (warmup_steps())
         weight_decay=float(m.weight_decay),
         max_grad_norm=float(m.max_grad_norm),
         optim=str(m.optim),
@@ -212,6 +268,7 @@ def sft_config(cfg: DictConfig, run, device: str, precision: str, has_eval: bool
         eos_token=str(cfg.model.eos_token),
         activation_checkpointing=bool(m.gradient_checkpointing),  # transformers 5 name of gradient checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if m.gradient_checkpointing else None,
+        torch_compile=bool(m.torch_compile),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
@@ -234,11 +291,28 @@ def sft_config(cfg: DictConfig, run, device: str, precision: str, has_eval: bool
     )
 
 
+def planned_steps(method: DictConfig, train_rows: int, world: int) -> int:
+    """Optimizer steps the trainer will run: max_steps, or epochs over the (possibly packed) training rows."""
+    if int(method.max_steps) > 0:
+        return int(method.max_steps)
+    per_epoch = max(math.ceil(train_rows / (int(method.batch_size) * max(world, 1))) // int(method.grad_accum), 1)
+    return math.ceil(per_epoch * float(method.epochs))
+
+
+def warmup_steps(method: DictConfig, steps: int) -> int:
+    """Linear warm-up length: warmup_ratio of the steps, rounded DOWN.
+
+    transformers rounds a ratio up and starts the warm-up at lr 0, so a 30-step run with ratio 0.03 spent its
+    first optimizer step (3% of the run, 1/6 of a 6-step benchmark) at lr 0. Rounded down, a short run has
+    no warm-up and a long one keeps the usual ratio (1,000 steps x 0.03 = 30 steps).
+    """
+    return int(math.floor(float(method.warmup_ratio) * steps + 1e-9))
+
+
 def build_trainer(cfg: DictConfig, run, callbacks: list | None = None) -> tuple[Any, dict]:
     """The SFTTrainer for this run and what was decided on the way (device, precision, data sizes)."""
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback
-    from trl import SFTTrainer
 
     device = device_for(cfg)
     precision = resolve_precision(cfg.method, device)
@@ -252,9 +326,11 @@ def build_trainer(cfg: DictConfig, run, callbacks: list | None = None) -> tuple[
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.method.early_stopping_patience)))
         else:
             log.warning("early_stopping_patience needs a validation split and load_best_model_at_end: ignored")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer = trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
+    steps = planned_steps(cfg.method, len(trainer.train_dataset), args.world_size)
+    args.warmup_steps = warmup_steps(cfg.method, steps)
     # TRL casts the LoRA weights of a 4-bit model to bf16, but resuming reloads them in fp32 (PEFT's
     # adapter autocast), so a resumed run would continue in another precision. Keep them fp32 throughout:
     # the trainer's autocast still runs the matmuls in bf16 where enabled.
@@ -262,6 +338,7 @@ def build_trainer(cfg: DictConfig, run, callbacks: list | None = None) -> tuple[
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     info = {"device": device, "precision": precision, "world_size": args.world_size,
+            "planned_steps": steps, "warmup_steps": args.warmup_steps,
             "base_4bit": getattr(model, "hf_quantizer", None) is not None,
             "train_examples": len(train_ds), "validation_examples": len(eval_ds) if eval_ds is not None else 0,
             **check_eos_trained(trainer.train_dataset, tokenizer, str(cfg.model.eos_token), int(cfg.method.max_length))}

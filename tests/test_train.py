@@ -21,8 +21,10 @@ from finetune.train import (
     last_complete_checkpoint,
     load_split,
     resolve_precision,
+    planned_steps,
     sft_config,
     train,
+    warmup_steps,
 )
 
 # ---------------------------------------------------------------- fast
@@ -54,6 +56,79 @@ def test_sft_config_takes_every_knob_from_the_method(tmp_path):
     assert not args.logging_nan_inf_filter
     no_eval = sft_config(cfg, RunDir(tmp_path), "cpu", "fp32", has_eval=False)
     assert no_eval.eval_strategy == "no" and not no_eval.load_best_model_at_end and not no_eval.bf16
+
+
+def test_warm_up_is_rounded_down_so_no_step_runs_at_lr_zero():
+    method = compose(["method=lora", "method.warmup_ratio=0.03"]).method
+    assert warmup_steps(method, 30) == 0  # transformers rounds up: 1 step, and that step has lr 0
+    assert warmup_steps(method, 1000) == 30 and warmup_steps(method, 100) == 3
+    method.max_steps, method.epochs, method.batch_size, method.grad_accum = -1, 2.0, 4, 2
+    assert planned_steps(method, 101, world=1) == 2 * (26 // 2)  # ceil(101/4) = 26 batches, 13 steps/epoch
+    assert planned_steps(method, 101, world=2) == 2 * (13 // 2)
+    method.max_steps = 30
+    assert planned_steps(method, 101, world=2) == 30
+
+
+@pytest.mark.slow
+def test_the_first_optimizer_step_has_the_full_learning_rate(tmp_path):
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.warmup_ratio=0.03", "method.max_steps=30",
+                                   "method.lr_scheduler=cosine"])
+    trainer, info = build_trainer(cfg, run)
+    assert info["planned_steps"] == 30 and info["warmup_steps"] == 0
+    trainer.create_optimizer_and_scheduler(num_training_steps=30)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(cfg.method.lr)  # lr of step 1
+
+
+@pytest.mark.slow
+def test_packed_examples_do_not_attend_to_each_other(tmp_path):
+    """method.packing: TRL packs rows into one padding-free sequence whose position_ids restart per example;
+    with sdpa the model must turn that into a block-diagonal mask. The trainer's loss on a packed batch equals
+    the loss of the same examples run one by one."""
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.packing=true", "method.batch_size=1",
+                                   "method.max_length=256", "method.precision=fp32", "method.lora_dropout=0"])
+    trainer, _ = build_trainer(cfg, run)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # flattened, no padding
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    assert len(starts) >= 3  # at least 2 examples in the packed row
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = float(trainer.compute_loss(model, dict(batch)))
+        nll = count = 0.0
+        for a, b in zip(starts, starts[1:]):
+            logits = model(input_ids=batch["input_ids"][:, a:b]).logits[0, :-1].float()
+            labels = batch["labels"][0, a + 1:b]
+            keep = labels != -100
+            nll += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            count += float(keep.sum())
+        # The check can fail: the same row without position_ids (one causal sequence) gives another loss.
+        row = batch["input_ids"][:, starts[1]:starts[2]]
+        leaky = model(input_ids=batch["input_ids"][:, :starts[2]]).logits[0, starts[1]:]
+        assert not torch.allclose(leaky, model(input_ids=row).logits[0], atol=1e-3)
+    assert packed == pytest.approx(nll / count, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_lm_head_scores_only_completion_positions_with_the_same_loss(tmp_path, monkeypatch):
+    """TRL's fused LM head scores every position on a CPU; ours only those with a label (same loss)."""
+    import trl.trainer.utils as trl_utils
+    from trl import SFTTrainer
+
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.precision=fp32", "method.lora_dropout=0"])
+    trainer, _ = build_trainer(cfg, run)
+    batch = next(iter(trainer.get_train_dataloader()))
+    scored = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: (scored.append(hidden.shape[0]), apply(hidden, *rest))[1])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        ours = float(trainer.compute_loss(model, dict(batch)))
+        plain = float(SFTTrainer.compute_loss(trainer, model, dict(batch)))  # TRL's own decision
+    labels = batch["labels"][:, 1:]
+    assert scored == [int((labels != -100).sum()), labels.numel()]
+    assert scored[0] < scored[1]  # prompt positions are not scored
+    assert ours == pytest.approx(plain, rel=1e-5)
 
 
 def test_rows_are_adapted_to_a_family_without_system_role(tmp_path):
