@@ -3,27 +3,37 @@
     .venv/bin/python scripts/bench_train.py [--method lora] [--steps 5] [--rounds 3] [finetune overrides...]
     e.g. ... method.packing=true method.batch_size=1 method.grad_accum=4
 
+    (GPU: bash scripts/gpu_check.sh bench DIR [qlora lora qlora-packed lora-b64 qlora-b64 ...])
+
 Arm "ours": finetune.data.prepare + finetune.train.build_trainer on a fresh run dir, i.e. what
 `python -m finetune` trains with the configured defaults (the trainer's own eval/checkpoints are turned
 off so that only training steps are timed). Arm "plain": TRL's SFTTrainer as the TRL docs write it:
 SFTConfig(use_cpu=True on CPU, everything else default) + LoraConfig with the same r/alpha/dropout/targets,
 the same model weights, the same training rows, the same max_length and the same (effective) batch.
 Its learning rate is set to ours (--baseline-lr), because TRL's default 2e-5 is meant for full
-fine-tuning and would make the loss comparison meaningless.
+fine-tuning and would make the loss comparison meaningless. On a GPU the plain arm loads the weights in
+bf16, and for --method qlora with the NF4 BitsAndBytesConfig of TRL's QLoRA docs.
 
 Both trainers run their real `train()` loop, each in its own thread, gated so that only one runs at a
 time: A runs M steps, pauses; B runs M steps, pauses; ... for N rounds. After each round both are
 evaluated on the same validation rows (tokenized once, unpacked, completion-only loss, fp32, token-
 weighted mean), so the loss is compared at equal trained tokens (linear interpolation).
 
+Two speed-ups are printed: tokens/s (timed rounds), and the time to equal loss: the training seconds
+(round 1 included) each arm needs to reach the higher of the two final validation losses. The second is
+the one that counts when the arms learn differently per token (batch size, packing, schedule).
+Peak CUDA memory is per arm, over its own rounds (both arms' weights are resident).
+
 Tokens/s counts real tokens (attention-mask ones, or every token of a padding-free packed row) of the
 timed steps; the first round is warm-up and left out when there is more than one round.
 
 FLOPs per real token (documented formula, matmuls only):
-    N_f = in*out summed over frozen nn.Linear layers (incl. lm_head), N_t = the same over trainable ones
-    forward      2 (N_f + N_t)
+    N_f = in*out summed over frozen nn.Linear layers except lm_head, N_t = the same over trainable ones,
+    N_h = lm_head's in*out, counted only on completion tokens (TRL's fused LM head skips the prompt)
+    forward      2 (N_f + N_t)  [+ 2 N_h per completion token]
     backward     2 (N_f + N_t)  input gradients (needed through frozen layers too, down to layer 0)
                + 2 N_t          weight gradients (trainable weights only; full fine-tuning: N_t = all)
+                                [+ 2 N_h per completion token]
     attention    3 x 4 * layers * d_attn * (T+1)/2 per token of a row of T tokens (QK^T and AV, causal,
                  forward + 2x backward), summed exactly per row of each batch
 Utilisation = achieved FLOP/s / the best 2048^3 torch.mm FLOP/s (fp32 and bf16), measured in this
@@ -33,8 +43,6 @@ process with the same thread count.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
 import tempfile
 import threading
@@ -87,10 +95,14 @@ class Arm:
         self.tokens = self.label_tokens = 0
         self.attn_token_ctx = 0.0  # sum over real tokens of (T+1)/2
         self.round_start = 0.0
+        self.cuda_peak_mb = 0.0  # peak allocated during this arm's rounds (both arms' weights are resident)
         self.rounds: list[dict] = []
         self.round_tokens = self.round_label_tokens = self.round_attn = 0
         frozen, trainable = matmul_params(trainer.model)
         self.n_frozen, self.n_trainable = frozen, trainable
+        head = trainer.model.get_output_embeddings()
+        # a frozen lm_head runs on completion tokens only (TRL's fused LM head); a trained one on every token
+        self.n_head = 0 if head.weight.requires_grad else head.in_features * head.out_features
         heads = getattr(text_config, "num_attention_heads")
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         self.d_attn, self.layers = heads * head_dim, text_config.num_hidden_layers
@@ -125,6 +137,7 @@ class Arm:
     def _run(self) -> None:
         self.go.wait()
         self.go.clear()
+        self._cuda_reset()
         self.round_start = time.perf_counter()
         try:
             self.trainer.train()
@@ -132,7 +145,19 @@ class Arm:
             self.error = exc
         self.paused.set()
 
+    def _cuda_reset(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
     def pause(self, step: int) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.cuda_peak_mb = max(self.cuda_peak_mb, torch.cuda.max_memory_allocated() / 2**20)
         seconds = time.perf_counter() - self.round_start
         self.tokens += self.round_tokens
         self.label_tokens += self.round_label_tokens
@@ -143,6 +168,7 @@ class Arm:
         self.paused.set()
         self.go.wait()
         self.go.clear()
+        self._cuda_reset()
         self.round_start = time.perf_counter()
 
     def run_round(self) -> None:
@@ -156,9 +182,11 @@ class Arm:
 
     def flops_per_second(self, rounds: list[dict]) -> float:
         tokens = sum(r["tokens"] for r in rounds)
+        label_tokens = sum(r["label_tokens"] for r in rounds)
         attn = sum(r["attn"] for r in rounds)
         seconds = sum(r["seconds"] for r in rounds)
-        linear = tokens * (4 * (self.n_frozen + self.n_trainable) + 2 * self.n_trainable)
+        linear = (tokens * (4 * (self.n_frozen - self.n_head + self.n_trainable) + 2 * self.n_trainable)
+                  + label_tokens * 4 * self.n_head)
         attention = 3 * 4 * self.layers * self.d_attn * attn
         return (linear + attention) / seconds
 
@@ -171,7 +199,7 @@ def validation_loss(model, rows: list[dict]) -> float:
     was_training = model.training
     model.eval()
     total = count = 0.0
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+    with torch.no_grad(), torch.autocast(model.device.type, enabled=False):
         for row in rows:
             ids = torch.tensor([row["input_ids"]], device=model.device)
             labels = torch.tensor(row["labels"][1:], device=model.device)  # -100 on the prompt
@@ -191,6 +219,14 @@ def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
     return curve[-1][1] if curve and abs(curve[-1][0] - x) < 1e-9 else None
+
+
+def seconds_to_loss(curve: list[tuple[float, float]], target: float) -> float | None:
+    """First training time at which the piecewise-linear (seconds, loss) curve reaches `target`; None if never."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if y1 <= target:
+            return x0 + (x1 - x0) * (y0 - target) / (y0 - y1) if y0 > target else x0
+    return None
 
 
 # ------------------------------------------------------------------ the two trainers
@@ -227,7 +263,18 @@ def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps
         peft_config = LoraConfig(r=int(m.lora_r), lora_alpha=int(m.lora_alpha), lora_dropout=float(m.lora_dropout),
                                  target_modules="all-linear" if targets == ["all-linear"] else targets,
                                  task_type="CAUSAL_LM")
-    model = load_model(cfg.model, dtype=torch.float32)
+    if torch.cuda.is_available():
+        # As the TRL docs write it for a GPU: the checkpoint's bf16 weights; for QLoRA the docs' 4-bit config.
+        kwargs = {"dtype": torch.bfloat16, "device_map": {"": 0}}
+        if str(getattr(m.name, "value", m.name)) == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+        model = load_model(cfg.model, **kwargs)
+    else:
+        model = load_model(cfg.model, dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                          processing_class=load_tokenizer(cfg.model), peft_config=peft_config)
     return trainer
@@ -309,18 +356,22 @@ def main() -> None:
     settings = {
         "ours": {"method": str(m.name.value), "precision": info["precision"], "batch_size": int(m.batch_size),
                  "grad_accum": int(m.grad_accum), "packing": bool(m.packing), "max_length": int(m.max_length),
-                 "lr": float(m.lr), "scheduler": str(m.lr_scheduler), "grad_ckpt": bool(m.gradient_checkpointing)},
+                 "lr": float(m.lr), "scheduler": str(m.lr_scheduler), "grad_ckpt": bool(m.gradient_checkpointing),
+                 "compile": bool(m.torch_compile), "warmup_steps": info["warmup_steps"]},
     }
     if plain is not None:
         pa = plain.args
         settings["plain"] = {"precision": "bf16" if pa.bf16 else "fp16" if pa.fp16 else "fp32",
                              "batch_size": batch, "grad_accum": 1, "packing": bool(pa.packing),
                              "max_length": pa.max_length, "lr": lr, "scheduler": str(pa.lr_scheduler_type.value),
-                             "grad_ckpt": bool(pa.gradient_checkpointing)}
+                             "grad_ckpt": bool(pa.gradient_checkpointing),
+                             "compile": bool(pa.torch_compile), "warmup_steps": pa.get_warmup_steps(total_steps)}
     curves = {arm.name: [] for arm in arms}
+    time_curves = {arm.name: [(0.0, 0.0)] for arm in arms}  # (training seconds incl. round 1, loss)
     base_loss = validation_loss(arms[0].trainer.model, val)
     for arm in arms:
         curves[arm.name].append((0.0, base_loss))
+        time_curves[arm.name][0] = (0.0, base_loss)
     print(f"setup {setup_s:.0f}s; validation loss before training {base_loss:.4f} ({len(val)} rows); "
           f"load {_bench.machine()['load_avg']}", flush=True)
     for r in range(a.rounds):
@@ -329,6 +380,7 @@ def main() -> None:
             last = arm.rounds[-1]
             loss = validation_loss(arm.trainer.model, val)
             curves[arm.name].append((float(arm.tokens), loss))
+            time_curves[arm.name].append((sum(x["seconds"] for x in arm.rounds), loss))
             print(f"round {r + 1}/{a.rounds} {arm.name:5s} steps {last['step']:3d} | {last['tokens']:6d} tok "
                   f"in {last['seconds']:6.1f}s = {last['tokens'] / last['seconds']:6.1f} tok/s | val loss {loss:.4f} "
                   f"| rss {_bench.rss_mb():.0f} MB | load {_bench.machine()['load_avg'][0]}", flush=True)
@@ -348,11 +400,13 @@ def main() -> None:
             "arm": arm.name, **settings[arm.name],
             "tok_s": round(tokens / seconds, 1),
             "tok_s_rounds": [round(x, 1) for x in per_round],
+            "round1_s": round(arm.rounds[0]["seconds"], 1),  # warm-up (and compilation): not in tok_s
             "label_tok_s": round(sum(r["label_tokens"] for r in timed) / seconds, 1),
             "tokens_per_step": round(arm.tokens / arm.rounds[-1]["step"], 1),
             "gflop_s": round(flops / 1e9, 1),
             "util_fp32": round(flops / 1e9 / gemm["fp32"], 3) if gemm["fp32"] else None,
             "util_bf16": round(flops / 1e9 / gemm["bf16"], 3) if gemm["bf16"] else None,
+            "cuda_peak_mb": round(arm.cuda_peak_mb) if torch.cuda.is_available() else None,
             "val_loss_end": round(curves[arm.name][-1][1], 4),
             "tokens_end": int(curves[arm.name][-1][0]),
             "val_loss_at_equal_tokens": round(interpolate(curves[arm.name], common), 4),
@@ -360,14 +414,30 @@ def main() -> None:
         })
     by = {r["arm"]: r for r in results}
     ratio = round(by["ours"]["tok_s"] / by["plain"]["tok_s"], 2) if len(by) == 2 else None
+    # Time to equal loss: the training seconds (round 1 included) each arm needs to reach the higher of the
+    # two final validation losses. The ratio is the speed-up that counts when the arms differ in how much
+    # they learn per token (batch size, packing, schedule).
+    time_ratio = target = None
+    if len(by) == 2:
+        target = max(curves["ours"][-1][1], curves["plain"][-1][1])
+        t_ours, t_plain = (seconds_to_loss(time_curves[k], target) for k in ("ours", "plain"))
+        for k, t in (("ours", t_ours), ("plain", t_plain)):
+            by[k]["seconds_to_loss"] = round(t, 1) if t is not None else None
+        time_ratio = round(t_plain / t_ours, 2) if t_ours and t_plain else None
     out = {"machine": _bench.machine(), "gemm_peak_gflop_s": gemm, "peak_rss_mb_process": _bench.peak_rss_mb(),
            "steps_per_round": a.steps, "rounds": a.rounds, "equal_tokens": int(common),
-           "ratio_ours_over_plain_tok_s": ratio, "overrides": a.overrides, "arms": results,
-           "curves": {k: [(int(t), round(l, 4)) for t, l in v] for k, v in curves.items()}}
+           "ratio_ours_over_plain_tok_s": ratio, "loss_target": round(target, 4) if target else None,
+           "ratio_plain_over_ours_seconds_to_loss": time_ratio, "overrides": a.overrides, "arms": results,
+           "curves": {k: [(int(t), round(l, 4)) for t, l in v] for k, v in curves.items()},
+           "time_curves": {k: [(round(t, 1), round(l, 4)) for t, l in v] for k, v in time_curves.items()}}
     print()
-    print(_bench.table(results, ["arm", "method", "precision", "batch_size", "grad_accum", "packing", "grad_ckpt", "max_length",
-                                 "tok_s", "label_tok_s", "tokens_per_step", "gflop_s", "util_fp32", "util_bf16",
-                                 "val_loss_at_equal_tokens", "val_loss_end"]))
+    print(_bench.table(results, ["arm", "method", "precision", "batch_size", "grad_accum", "packing", "grad_ckpt", "compile", "max_length",
+                                 "round1_s", "tok_s", "label_tok_s", "tokens_per_step", "gflop_s", "util_fp32", "util_bf16",
+                                 "val_loss_at_equal_tokens", "val_loss_end", "seconds_to_loss"]
+                        + (["cuda_peak_mb"] if torch.cuda.is_available() else [])))
+    if time_ratio is not None or len(by) == 2:
+        print(f"\ntime to validation loss {target:.4f} (the higher final loss; training seconds, round 1 included): "
+              f"plain/ours = {time_ratio}")
     print(f"\nours/plain tokens/s: {ratio}   (loss compared at {int(common)} trained tokens; first round = warm-up, "
           f"not timed)   GEMM peak {gemm} GFLOP/s   peak RSS (process, both arms) {out['peak_rss_mb_process']} MB   "
           f"load {out['machine']['load_avg']}")
