@@ -253,20 +253,21 @@ def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps
 
     train_rows = load_split(run.data_dir / "train.jsonl", cfg.model)
     m = cfg.method
+    method = str(getattr(m.name, "value", m.name))
     args = SFTConfig(output_dir=str(out_dir), use_cpu=not torch.cuda.is_available(), learning_rate=lr,
                      per_device_train_batch_size=batch_size, max_length=int(m.max_length), max_steps=total_steps,
                      save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000, seed=int(m.seed),
                      **({"bf16": False} if fp32 else {}))
     targets = list(cfg.model.lora_target_modules)
     peft_config = None
-    if str(getattr(m.name, "value", m.name)) != "full":
+    if method != "full":
         peft_config = LoraConfig(r=int(m.lora_r), lora_alpha=int(m.lora_alpha), lora_dropout=float(m.lora_dropout),
                                  target_modules="all-linear" if targets == ["all-linear"] else targets,
                                  task_type="CAUSAL_LM")
     if torch.cuda.is_available():
         # As the TRL docs write it for a GPU: the checkpoint's bf16 weights; for QLoRA the docs' 4-bit config.
         kwargs = {"dtype": torch.bfloat16, "device_map": {"": 0}}
-        if str(getattr(m.name, "value", m.name)) == "qlora":
+        if method == "qlora":
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -367,11 +368,11 @@ def main() -> None:
                              "grad_ckpt": bool(pa.gradient_checkpointing),
                              "compile": bool(pa.torch_compile), "warmup_steps": pa.get_warmup_steps(total_steps)}
     curves = {arm.name: [] for arm in arms}
-    time_curves = {arm.name: [(0.0, 0.0)] for arm in arms}  # (training seconds incl. round 1, loss)
+    time_curves = {arm.name: [] for arm in arms}  # (training seconds incl. round 1, loss)
     base_loss = validation_loss(arms[0].trainer.model, val)
     for arm in arms:
         curves[arm.name].append((0.0, base_loss))
-        time_curves[arm.name][0] = (0.0, base_loss)
+        time_curves[arm.name].append((0.0, base_loss))
     print(f"setup {setup_s:.0f}s; validation loss before training {base_loss:.4f} ({len(val)} rows); "
           f"load {_bench.machine()['load_avg']}", flush=True)
     for r in range(a.rounds):
@@ -435,7 +436,7 @@ def main() -> None:
                                  "round1_s", "tok_s", "label_tok_s", "tokens_per_step", "gflop_s", "util_fp32", "util_bf16",
                                  "val_loss_at_equal_tokens", "val_loss_end", "seconds_to_loss"]
                         + (["cuda_peak_mb"] if torch.cuda.is_available() else [])))
-    if time_ratio is not None or len(by) == 2:
+    if len(by) == 2:
         print(f"\ntime to validation loss {target:.4f} (the higher final loss; training seconds, round 1 included): "
               f"plain/ours = {time_ratio}")
     print(f"\nours/plain tokens/s: {ratio}   (loss compared at {int(common)} trained tokens; first round = warm-up, "
