@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 
-from finetune.config import STAGE_ORDER  # noqa: E402
+from finetune.pipeline import stage_names  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     wall = time.time() - start
     stages_dir = run_dir / "stages"
     rows = []
-    for stage in STAGE_ORDER:
+    for stage in stage_names():
         marker = stages_dir / f"{stage}.json"
         if marker.is_file():
             summary = json.loads(marker.read_text())

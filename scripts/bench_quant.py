@@ -24,7 +24,7 @@ ORDER = ["base", "finetuned", "merged", "gguf-F16", "gguf-Q8_0", "gguf-Q4_K_M", 
 
 
 def expected_models(run_dir: Path) -> set[str]:
-    from finetune.evaluate import gguf_name
+    from finetune.evaluate.stage import gguf_name
 
     want, taken = set(), set()
     if (run_dir / "merged" / "config.json").is_file():

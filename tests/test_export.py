@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from finetune.core.rundir import RunDir
 from finetune.export.gguf import export_gguf
 from finetune.export.merge import merge
-from finetune.export.ollama import write_modelfiles
-from finetune.models import load_model, load_tokenizer
-from finetune.pipeline import RunDir
+from finetune.export.ollama.modelfile import write_modelfiles
+from finetune.models.loading import load_model, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_support import smollm2_cfg, train_lora, write_task_data  # noqa: E402
@@ -115,8 +115,8 @@ def test_modelfiles_render_like_hf_and_stop(smol, modelfiles):
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                     reason="GPTQModel is an extra: pip install 'finetune[gptq]'")
 def test_gptq_quantizes_on_task_prompts_and_loads_in_transformers(smol, merged):
+    from finetune.core.config import compose
     from finetune.export.gptq import quantize
-    from finetune.testing import compose
 
     _, run = smol
     cfg = compose(["model=smollm2", "task=extraction", "method=lora", "export=all", f"run_dir={run.root}",

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from finetune.core.rundir import RunDir
 from finetune.export.gguf import export_gguf
 from finetune.export.merge import merge
-from finetune.export.ollama import write_modelfiles
-from finetune.export.templates import hf_render
-from finetune.models import load_model, load_tokenizer
-from finetune.pipeline import RunDir
+from finetune.export.ollama.modelfile import write_modelfiles
+from finetune.models.loading import load_model, load_tokenizer, render_prompt
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_support import (FAMILIES, TEMPLATES, family_task_cfg, tiny_model, train_lora,  # noqa: E402
-                            write_task_data)
+from export_support import FAMILIES, TEMPLATES, family_task_cfg, tiny_model, train_lora, write_task_data  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("go") is None, reason="needs Go (apt-get install golang-go)")]
@@ -62,7 +60,7 @@ def test_family_exports_and_its_modelfile_matches(family, tmp_path):
 
 
 def _gguf_metadata(run: RunDir) -> dict:
-    from finetune.export.llamacpp import open_gguf
+    from finetune.runtimes.llamacpp import open_gguf
 
     with open_gguf(next(run.gguf_dir.glob("*.gguf")), vocab_only=True) as llm:
         return dict(llm.metadata)
@@ -94,7 +92,7 @@ def _check_family_quirks(family: str, cfg, run: RunDir) -> None:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         with pytest.raises(TemplateError, match="System role not supported"):
             tok.apply_chat_template(messages, tokenize=False)
-        assert hf_render(tok, messages, cfg.model) == (
+        assert render_prompt(tok, messages, cfg.model) == (
             f"<bos><start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n")
 
 

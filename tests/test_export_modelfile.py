@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from finetune.export import ExportError
-from finetune.export.gotemplate import render_modelfile
+from finetune.core.config import compose
+from finetune.core.errors import ExportError
+from finetune.core.rundir import RunDir
 from finetune.export.gptq import choose_group_size
-from finetune.export.ollama import modelfile_quote, modelfile_text
-from finetune.export.templates import hf_render
-from finetune.export.verify import check_rendering, strip_bos
-from finetune.pipeline import RunDir
-from finetune.testing import compose
+from finetune.export.ollama.checks import check_rendering, strip_bos
+from finetune.export.ollama.gotemplate import render_modelfile
+from finetune.export.ollama.modelfile import modelfile_quote, modelfile_text
+from finetune.models.loading import render_prompt
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_support import FAMILIES, family_tokenizer  # noqa: E402
@@ -76,7 +76,7 @@ def test_family_template_renders_like_the_hf_chat_template(family, system):
     for conv, rendered in zip(CONVERSATIONS, prompts):
         effective = conv if conv[0]["role"] == "system" or not system_prompt else (
             [{"role": "system", "content": system_prompt}] + conv)
-        expected = strip_bos(hf_render(tok, effective, cfg.model), tok, bos_added)
+        expected = strip_bos(render_prompt(tok, effective, cfg.model), tok, bos_added)
         assert rendered == expected
 
 
@@ -85,7 +85,7 @@ def test_bos_written_by_template_when_llama_cpp_does_not_add_it():
     tok = family_tokenizer("llama3")
     _, prompts = render_modelfile(modelfile_text(cfg, tok, GGUF, "S", bos_added=False), CONVERSATIONS[:1])
     assert prompts[0].startswith("<|begin_of_text|><|start_header_id|>system")
-    assert prompts[0] == hf_render(tok, [{"role": "system", "content": "S"}] + CONVERSATIONS[0], cfg.model)
+    assert prompts[0] == render_prompt(tok, [{"role": "system", "content": "S"}] + CONVERSATIONS[0], cfg.model)
 
 
 def test_a_template_difference_fails_with_a_diff():
@@ -115,7 +115,7 @@ def test_gptq_group_size_divides_the_model():
     from transformers import LlamaConfig
 
     smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, head_dim=64)
-    assert choose_group_size(smol, None) == 64  # 128 does not divide 576 (FACTS.md)
+    assert choose_group_size(smol, None) == 64  # 128 does not divide SmolLM2's hidden size 576
     assert choose_group_size(LlamaConfig(hidden_size=4096, intermediate_size=11008), None) == 128
     with pytest.raises(ExportError, match="does not divide"):
         choose_group_size(smol, 128)
@@ -125,7 +125,7 @@ def test_export_stages_skip_when_not_configured(tmp_path):
     from finetune.export.gguf import export_gguf
     from finetune.export.gptq import quantize
     from finetune.export.merge import merge
-    from finetune.export.ollama import write_modelfiles
+    from finetune.export.ollama.modelfile import write_modelfiles
 
     cfg = compose(["export=none", f"run_dir={tmp_path}"])
     run = RunDir(tmp_path)

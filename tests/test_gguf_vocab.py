@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.export.llamacpp import open_gguf
-from finetune.gguf_vocab import read_gguf_vocab, sentencepiece_model, tokenizer_model, write_sentencepiece_model
-from finetune.models import load_tokenizer, packaged_gguf_path
-from finetune.testing import compose
+from finetune.core.config import compose
+from finetune.models.gguf_vocab import read_gguf_vocab, sentencepiece_model, tokenizer_model, write_sentencepiece_model
+from finetune.models.loading import load_tokenizer, packaged_gguf_path
+from finetune.runtimes.llamacpp import open_gguf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_support import llama_cpp_vocab, real_tokenizer_dir  # noqa: E402

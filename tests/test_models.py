@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import models
-from finetune.testing import compose
+from finetune.core.config import compose
+from finetune.models import loading as models
 
 
 @pytest.fixture(scope="module")

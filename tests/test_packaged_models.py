@@ -17,9 +17,9 @@ import shutil
 
 import pytest
 
-from finetune.export.llamacpp import open_gguf
+from finetune.core.config import compose
 from finetune.pipeline import run_pipeline
-from finetune.testing import compose
+from finetune.runtimes.llamacpp import open_gguf
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("go") is None, reason="needs Go (apt-get install golang-go)")]

@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from finetune.evaluate import evaluate
-from finetune.pipeline import RunDir
-from finetune.report import compare_main, parse_results_table, plot_confusion
-from finetune.tasks import get_task
-from finetune.testing import compose
-
 from address_rows import write_data
+
+from finetune.core.config import compose
+from finetune.core.errors import RunDirError
+from finetune.core.rundir import RunDir
+from finetune.evaluate.compare import main as compare_main
+from finetune.evaluate.plots import plot_confusion
+from finetune.evaluate.report import parse_results_table
+from finetune.evaluate.stage import evaluate
+from finetune.tasks import get_task
 
 # A trainer's log_history (train_log.json), as TRL's SFTTrainer writes it.
 LOG_HISTORY = [
@@ -81,7 +83,7 @@ def test_compare_prints_every_run(cli_run, tmp_path, capsys):
     assert "specialist" in out[0] and head in out[2]
     assert out[2].startswith(f"| {cli_run.root}") and out[3].startswith(f"| {other.root}")
     assert "| 2 " in out[3]  # n of the capped run
-    with pytest.raises(SystemExit, match="evaluate the run first"):
+    with pytest.raises(RunDirError, match="evaluate the run first"):
         compare_main([str(tmp_path / "missing")])
     # The console script pyproject.toml installs runs the same function.
     script = Path(sys.executable).parent / "finetune-compare"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.data import split_task_data
+from finetune.core.config import compose
+from finetune.data.prepare import split_task_data
 from finetune.tasks import BadExample, get_task
-from finetune.testing import compose
 
 
 def task_for(*overrides: str):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from trainutil import tiny_run
 
-from finetune.testing import compose
-from finetune.tracking import _columns, _flatten, log_results, report_to, wandb_logged_in, wandb_mode
-from finetune.train import train
+from finetune.core.config import compose
+from finetune.train.stage import train
+from finetune.train.tracking import flatten_metrics, log_results, report_to, table_columns, wandb_logged_in, wandb_mode
 
 METRICS = {"models": {"finetuned": {"field_f1": 0.75, "n": 4}, "base": {"field_f1": 0.25, "n": 4}}, "note": "x"}
 TABLES = {"finetuned": [{"id": "extraction-000020", "output": '{"A": 1}', "parsed": {"A": 1}, "correct": True}]}
@@ -52,9 +52,9 @@ def test_wandb_mode_auto_is_online_only_when_logged_in(tmp_path, monkeypatch):
 
 
 def test_results_are_flattened_for_trackers():
-    assert _flatten(METRICS) == {"models/finetuned/field_f1": 0.75, "models/finetuned/n": 4.0,
+    assert flatten_metrics(METRICS) == {"models/finetuned/field_f1": 0.75, "models/finetuned/n": 4.0,
                                  "models/base/field_f1": 0.25, "models/base/n": 4.0}
-    columns, data = _columns(TABLES["finetuned"])
+    columns, data = table_columns(TABLES["finetuned"])
     assert columns == ["id", "output", "parsed", "correct"] and data[0][2] == '{"A": 1}'
 
 

@@ -11,21 +11,14 @@ import pytest
 import torch
 from trainutil import ROOT, finetune_cmd, read_adapter, run_finetune, tiny_run, write_data
 
-from finetune.pipeline import RunDir
-from finetune.testing import compose
-from finetune.train import (
-    TrainingDiverged,
-    build_model,
-    build_trainer,
-    cpu_supports_bf16,
-    last_complete_checkpoint,
-    load_split,
-    resolve_precision,
-    planned_steps,
-    sft_config,
-    train,
-    warmup_steps,
-)
+from finetune.core.config import compose
+from finetune.core.errors import ConfigError, TrainingDiverged
+from finetune.core.hardware import cpu_supports_bf16
+from finetune.core.rundir import RunDir
+from finetune.data.rows import load_split
+from finetune.train.checkpoints import last_complete_checkpoint
+from finetune.train.model import build_model, resolve_precision
+from finetune.train.stage import build_trainer, planned_steps, sft_config, train, warmup_steps
 
 # ---------------------------------------------------------------- fast
 
@@ -34,7 +27,7 @@ def test_precision_auto_follows_the_device():
     method = compose(["method=lora"]).method
     assert resolve_precision(method, "cpu") == ("bf16" if cpu_supports_bf16() else "fp32")
     method.precision = "fp16"
-    with pytest.raises(SystemExit, match="fp16 needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_precision(method, "cpu")
     method.precision = "fp32"
     assert resolve_precision(method, "cpu") == "fp32"

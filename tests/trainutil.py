@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.pipeline import RunDir
-from finetune.testing import compose
+from finetune.core.config import compose
+from finetune.core.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You extract the parts of a US postal address. Answer with one JSON object."

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig
-
-from finetune.pipeline import RunDir
-
-
-def _value(x: Any) -> str:
-    return str(getattr(x, "value", x))
+from finetune.core.config import Config
+from finetune.core.rundir import SPLITS, RunDir
 
 
 def _count_rows(path: Path) -> int | None:
@@ -37,15 +31,15 @@ def _metrics_table(run: RunDir) -> list[str]:
     return lines
 
 
-def model_card(cfg: DictConfig, run: RunDir, merge_info: dict) -> str:
+def model_card(cfg: Config, run: RunDir, merge_info: dict) -> str:
     m, t, meth = cfg.model, cfg.task, cfg.method
     name = f"{m.name}-{t.name}"
-    method = _value(meth.name)
-    counts = {s: _count_rows(run.data_dir / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    method = str(meth.name)
+    counts = {s: _count_rows(run.split_path(s)) for s in SPLITS}
     train = run.stage_summary("train") if run.is_done("train") else {}
     lora = "" if method == "full" else f", LoRA r={meth.lora_r} alpha={meth.lora_alpha}"
     steps = train.get("global_step", meth.max_steps if meth.max_steps > 0 else f"{meth.epochs} epoch(s)")
-    quant = (cfg.export.gguf.quant_types[0] if cfg.export.get("gguf") and cfg.export.gguf.quant_types else "Q4_K_M")
+    quant = (cfg.export.gguf.quant_types[0] if cfg.export.gguf and cfg.export.gguf.quant_types else "Q4_K_M")
     system = t.system_prompt.strip()
     lines = [
         "---",
@@ -57,12 +51,12 @@ def model_card(cfg: DictConfig, run: RunDir, merge_info: dict) -> str:
         "",
         f"# {name}",
         "",
-        f"{m.hub_id} ({m.params or '?'} parameters, `{_value(m.family)}` chat format) fine-tuned for one task: "
+        f"{m.hub_id} ({m.params or '?'} parameters, `{m.family}` chat format) fine-tuned for one task: "
         f"{t.description or t.name}",
         "",
         "## Task",
         "",
-        f"- kind: {_value(t.kind)}; answer parsed and scored by `finetune.tasks` ({t.name})",
+        f"- kind: {t.kind}; answer parsed and scored by `finetune.tasks` ({t.name})",
         f"- user turn: `{t.prompt_template}`",
         f"- system prompt: {json.dumps(system) if system else '(none)'}",
         f"- data: {t.source or t.data.path or t.data.hub_dataset or '?'}; licence: {t.license or '?'}",
@@ -109,6 +103,6 @@ def model_card(cfg: DictConfig, run: RunDir, merge_info: dict) -> str:
         + (f" -sys {json.dumps(system)}" if system else ""),
         "```",
     ]
-    if cfg.export.get("gptq"):
+    if cfg.export.gptq:
         lines += ["", f"A 4-bit GPTQ checkpoint is in `{run.gptq_dir}` (transformers + GPTQModel/optimum kernels)."]
     return "\n".join(lines) + "\n"

@@ -15,16 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from finetune.export import ExportError
-from finetune.export.files import TMP_PREFIX, clean_stale
-from finetune.export.llamacpp import convert_hf_to_gguf, normalize_quant_type, open_gguf, quantize_gguf
+from finetune.core.config import Config
+from finetune.core.errors import ExportError
+from finetune.core.files import TMP_PREFIX, clean_stale
+from finetune.core.rundir import RunDir
+from finetune.export.checks import check_prompt_tokens, generate, top1_agreement
+from finetune.export.converter import convert_hf_to_gguf, normalize_quant_type, quantize_gguf
 from finetune.export.samples import task_prompt
-from finetune.export.templates import hf_render
-from finetune.export.verify import check_prompt_tokens, generate, top1_agreement
-from finetune.models import load_tokenizer
-from finetune.pipeline import RunDir
+from finetune.models.loading import load_tokenizer, render_prompt
+from finetune.runtimes.llamacpp import open_gguf
 
 log = logging.getLogger("finetune")
 
@@ -33,20 +32,15 @@ TOP1_CHECK_MAX_BYTES = 4 << 30
 TOP1_MIN_AGREEMENT = 0.9
 
 
-def gguf_path(cfg: DictConfig, run: RunDir, quant: str) -> Path:
-    return run.gguf_dir / f"{cfg.model.name}-{cfg.task.name}-{quant}.gguf"
-
-
-def gguf_model_name(cfg: DictConfig) -> str:
+def gguf_model_name(cfg: Config) -> str:
     """general.name of the exported GGUF: base model repository + task, e.g. Phi-3-mini-4k-instruct-extraction."""
-    return f"{str(cfg.model.hub_id).rsplit('/', 1)[-1]}-{cfg.task.name}"
+    return f"{cfg.model.hub_id.rsplit('/', 1)[-1]}-{cfg.task.name}"
 
 
-def check_gguf(cfg: DictConfig, path: Path, tokenizer: Any, prompt: list[dict], hf_model: Any = None) -> dict:
+def check_gguf(cfg: Config, path: Path, tokenizer: Any, prompt: list[dict], hf_model: Any = None) -> dict:
     """llama.cpp loads the file, tokenizes the task prompt like transformers and answers it."""
-    text = hf_render(tokenizer, prompt, cfg.model)
-    n_threads = cfg.evaluate.get("n_threads")
-    with open_gguf(path, n_ctx=2048, n_threads=n_threads, logits_all=hf_model is not None) as llm:
+    text = render_prompt(tokenizer, prompt, cfg.model)
+    with open_gguf(path, n_ctx=2048, n_threads=cfg.evaluate.n_threads, logits_all=hf_model is not None) as llm:
         ids = check_prompt_tokens(llm, tokenizer, text, path.name)
         info = {"prompt_tokens": len(ids)}
         if hf_model is not None:
@@ -57,7 +51,7 @@ def check_gguf(cfg: DictConfig, path: Path, tokenizer: Any, prompt: list[dict], 
                     f"{info['top1_agreement']:.0%} of {len(ids)} prompt positions (< {TOP1_MIN_AGREEMENT:.0%}): "
                     f"the conversion is wrong")
             llm.reset()
-        info.update(generate(llm, ids, list(cfg.model.stop_tokens), int(cfg.task.max_new_tokens)))
+        info.update(generate(llm, ids, list(cfg.model.stop_tokens), cfg.task.max_new_tokens))
     return info
 
 
@@ -71,9 +65,9 @@ def _merged_model_if_small(run: RunDir) -> Any:
     return AutoModelForCausalLM.from_pretrained(run.merged_dir, dtype=torch.float32).eval()
 
 
-def export_gguf(cfg: DictConfig, run: RunDir) -> dict:
+def export_gguf(cfg: Config, run: RunDir) -> dict:
     """Stage `gguf`."""
-    gcfg = cfg.export.get("gguf")
+    gcfg = cfg.export.gguf
     if gcfg is None:
         return {"skipped": "export.gguf is not set"}
     if not (run.merged_dir / "config.json").is_file():
@@ -89,7 +83,7 @@ def export_gguf(cfg: DictConfig, run: RunDir) -> dict:
     summary: dict[str, Any] = {"files": {}}
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}gguf-", dir=run.gguf_dir))
     try:
-        f16 = tmp / gguf_path(cfg, run, "F16").name
+        f16 = tmp / run.gguf_path(cfg.model.name, cfg.task.name, "F16").name
         summary["convert_seconds"] = round(convert_hf_to_gguf(run.merged_dir, f16, "f16", gguf_model_name(cfg)), 1)
         log.info("converted %s to GGUF f16 in %.1fs (%.0f MB)", run.merged_dir, summary["convert_seconds"],
                  f16.stat().st_size / 1e6)
@@ -99,7 +93,7 @@ def export_gguf(cfg: DictConfig, run: RunDir) -> dict:
             del hf_model
             gc.collect()
         for quant in wanted:
-            path = tmp / gguf_path(cfg, run, quant).name
+            path = tmp / run.gguf_path(cfg.model.name, cfg.task.name, quant).name
             info: dict[str, Any] = {}
             if quant != "F16":
                 info["quantize_seconds"] = round(quantize_gguf(f16, path, quant), 1)
@@ -114,11 +108,10 @@ def export_gguf(cfg: DictConfig, run: RunDir) -> dict:
         if "F16" not in wanted:
             f16.unlink()
         # All files are complete and checked: replace the previous set (and its Modelfiles) at once.
-        for old in list(run.gguf_dir.glob(f"{cfg.model.name}-{cfg.task.name}-*.gguf")) + list(
-                run.gguf_dir.glob("Modelfile.*")):
+        for old in run.gguf_files(cfg.model.name, cfg.task.name) + list(run.gguf_dir.glob("Modelfile.*")):
             old.unlink()
         for quant in wanted:
-            final = gguf_path(cfg, run, quant)
+            final = run.gguf_path(cfg.model.name, cfg.task.name, quant)
             os.replace(tmp / final.name, final)
             summary["files"][quant]["path"] = str(final)
     finally:

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from finetune.export import ExportError
-from finetune.export.files import dir_size, staged_dir
-from finetune.export.samples import read_rows, task_prompt
-from finetune.models import adapt_messages, load_tokenizer
-from finetune.pipeline import RunDir
+from finetune.core.config import Config
+from finetune.core.errors import ExportError
+from finetune.core.files import dir_size, staged_dir
+from finetune.core.rundir import RunDir
+from finetune.export.checks import hf_ids
+from finetune.export.samples import split_rows, task_prompt
+from finetune.models.loading import adapt_messages, load_tokenizer, render_prompt
 
 log = logging.getLogger("finetune")
 
@@ -62,13 +62,13 @@ def choose_group_size(config: Any, requested: int | None) -> int:
     raise ExportError(f"no GPTQ group size in {GROUP_SIZES} divides the model's layer sizes {sorted(dims)}")
 
 
-def calibration_rows(cfg: DictConfig, run: RunDir, tokenizer: Any, n: int, max_tokens: int) -> list[dict]:
+def calibration_rows(cfg: Config, run: RunDir, tokenizer: Any, n: int, max_tokens: int) -> list[dict]:
     """`n` training examples (prompt + answer) rendered with the chat template, tokenized."""
-    rows = read_rows(run.data_dir / "train.jsonl")
+    rows = split_rows(run, "train")
     if not rows:
         raise ExportError(f"GPTQ calibrates on the task's training prompts, and {run.data_dir / 'train.jsonl'} "
                           f"is missing or empty: run the data stage")
-    random.Random(int(cfg.method.seed)).shuffle(rows)
+    random.Random(cfg.method.seed).shuffle(rows)
     out = []
     for row in rows[:n]:
         messages = adapt_messages(list(row["prompt"]) + list(row.get("completion") or []), cfg.model)
@@ -95,21 +95,19 @@ def strip_run_info(gptq_dir: Path) -> list[str]:
     return removed
 
 
-def check_gptq(cfg: DictConfig, run: RunDir, gptq_dir: Path, tokenizer: Any) -> dict:
+def check_gptq(cfg: Config, run: RunDir, gptq_dir: Path, tokenizer: Any) -> dict:
     """The checkpoint loads through transformers' GPTQ integration and answers the task prompt."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.export.templates import hf_render
-    from finetune.export.verify import hf_ids
 
     model = AutoModelForCausalLM.from_pretrained(gptq_dir, device_map="cpu").eval()
     prompt, _ = task_prompt(cfg, run)
-    ids = torch.tensor([hf_ids(tokenizer, hf_render(tokenizer, prompt, cfg.model))])
+    ids = torch.tensor([hf_ids(tokenizer, render_prompt(tokenizer, prompt, cfg.model))])
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=int(cfg.task.max_new_tokens), pad_token_id=tokenizer.pad_token_id)
+                             max_new_tokens=cfg.task.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     new = out[0, ids.shape[1]:]
     seconds = time.perf_counter() - start
     qtype = type(next(m for n, m in model.named_modules() if n.endswith("q_proj"))).__name__
@@ -119,9 +117,9 @@ def check_gptq(cfg: DictConfig, run: RunDir, gptq_dir: Path, tokenizer: Any) -> 
             "tokens_per_s": round(new.numel() / seconds, 2), "q_proj_class": qtype}
 
 
-def quantize(cfg: DictConfig, run: RunDir) -> dict:
+def quantize(cfg: Config, run: RunDir) -> dict:
     """Stage `gptq`: run.merged_dir -> run.gptq_dir (4-bit GPTQ safetensors + tokenizer)."""
-    qcfg = cfg.export.get("gptq")
+    qcfg = cfg.export.gptq
     if qcfg is None:
         return {"skipped": "export.gptq is not set"}
     if not (run.merged_dir / "config.json").is_file():
@@ -131,8 +129,8 @@ def quantize(cfg: DictConfig, run: RunDir) -> dict:
 
     tokenizer = load_tokenizer(cfg.model, path=str(run.merged_dir))
     group_size = choose_group_size(AutoConfig.from_pretrained(run.merged_dir), qcfg.group_size)
-    calibration = calibration_rows(cfg, run, tokenizer, int(qcfg.calibration_samples), int(cfg.method.max_length))
-    quant_config = gptqmodel.QuantizeConfig(bits=int(qcfg.bits), group_size=group_size, desc_act=bool(qcfg.desc_act))
+    calibration = calibration_rows(cfg, run, tokenizer, qcfg.calibration_samples, cfg.method.max_length)
+    quant_config = gptqmodel.QuantizeConfig(bits=qcfg.bits, group_size=group_size, desc_act=qcfg.desc_act)
     start = time.perf_counter()
     model = gptqmodel.GPTQModel.load(str(run.merged_dir), quant_config)
     # GPTQModel writes its per-layer logs to ./logs: keep them in the run directory, not the user's cwd.
@@ -143,7 +141,7 @@ def quantize(cfg: DictConfig, run: RunDir) -> dict:
     finally:
         os.chdir(cwd)
     seconds = time.perf_counter() - start
-    info: dict[str, Any] = {"bits": int(qcfg.bits), "group_size": group_size, "desc_act": bool(qcfg.desc_act),
+    info: dict[str, Any] = {"bits": qcfg.bits, "group_size": group_size, "desc_act": qcfg.desc_act,
                             "calibration_samples": len(calibration), "quantize_seconds": round(seconds, 1),
                             "gptqmodel": getattr(gptqmodel, "__version__", "?")}
     with staged_dir(run.gptq_dir) as tmp:

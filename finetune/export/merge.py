@@ -1,7 +1,7 @@
 """Merge stage: the trained adapter folded into the base weights, saved as a plain safetensors model.
 
-The base is reloaded in full precision for the merge (FACTS.md: merging into 4-bit layers is slow and
-lossy); the merged model must give the adapter model's logits on a real task example, and the saved
+The base is reloaded in full precision for the merge (merging into 4-bit layers is slow and lossy,
+docs/training.md); the merged model must give the adapter model's logits on a real task example, and the saved
 files must reload to exactly the merged weights. The folder also gets the tokenizer with its chat
 template, a generation config that stops at every end-of-turn token, and a model card.
 """
@@ -16,35 +16,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from finetune.export import ExportError
+from finetune.core.config import Config
+from finetune.core.errors import ExportError
+from finetune.core.files import dir_size, staged_dir
+from finetune.core.rundir import RunDir
 from finetune.export.card import model_card
-from finetune.export.files import dir_size, staged_dir
 from finetune.export.samples import task_prompt
-from finetune.models import SENTENCEPIECE_FILE, load_model, load_tokenizer, sentencepiece_model_file
-from finetune.pipeline import RunDir
+from finetune.models.loading import (
+    SENTENCEPIECE_FILE,
+    adapt_messages,
+    load_model,
+    saved_tokenizer,
+    sentencepiece_model_file,
+)
+from finetune.runtimes.transformers import stop_token_ids
 
 log = logging.getLogger("finetune")
 
-# fp32 merge of a LoRA delta: differences come from summation order only (FACTS.md saw < 1e-4).
+# fp32 merge of a LoRA delta: differences come from summation order only (< 1e-4 measured on SmolLM2-135M).
 MERGE_ATOL = 1e-3
 # Same weights, fresh process state: only kernel choice (e.g. sdpa vs eager) can differ.
 RELOAD_ATOL = 1e-4
-
-
-def _value(x: Any) -> str:
-    return str(getattr(x, "value", x))
-
-
-def has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
-
-
-def run_tokenizer(cfg: DictConfig, run: RunDir) -> Any:
-    """The tokenizer training used (saved with the adapter), else the model's own."""
-    src = run.adapter_dir if has_tokenizer(run.adapter_dir) else None
-    return load_tokenizer(cfg.model, path=str(src) if src else None)
 
 
 def complete_tokenizer_config(tokenizer: Any, dest: Path) -> dict:
@@ -87,7 +79,7 @@ def _user_defined_pieces(path: Path) -> dict[int, str]:
     return {i: p.piece for i, p in enumerate(proto.pieces) if p.type == pb.ModelProto.SentencePiece.USER_DEFINED}
 
 
-def copy_sentencepiece_model(cfg: DictConfig, run: RunDir, dest: Path) -> Path | None:
+def copy_sentencepiece_model(cfg: Config, run: RunDir, dest: Path) -> Path | None:
     """tokenizer.model (SentencePiece families: Gemma, Phi-3, Llama 2) next to the merged weights: llama.cpp's
     converter reads it and transformers 5's save_pretrained does not write it."""
     src = run.adapter_dir / SENTENCEPIECE_FILE
@@ -98,11 +90,9 @@ def copy_sentencepiece_model(cfg: DictConfig, run: RunDir, dest: Path) -> Path |
     return Path(shutil.copyfile(src, dest / SENTENCEPIECE_FILE))
 
 
-def sample_ids(cfg: DictConfig, run: RunDir, tokenizer: Any, max_tokens: int = 256) -> Any:
+def sample_ids(cfg: Config, run: RunDir, tokenizer: Any, max_tokens: int = 256) -> Any:
     """Token ids of one real example (prompt + reference answer), as training saw them."""
     import torch
-
-    from finetune.models import adapt_messages
 
     prompt, completion = task_prompt(cfg, run)
     messages = prompt + ([{"role": "assistant", "content": completion}] if completion else [])
@@ -110,16 +100,6 @@ def sample_ids(cfg: DictConfig, run: RunDir, tokenizer: Any, max_tokens: int = 2
                                          add_generation_prompt=completion is None)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     return torch.tensor([ids])
-
-
-def stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> list[int]:
-    """Ids of the end-of-turn tokens (one token each in the vocabulary), the tokenizer's EOS first."""
-    vocab = tokenizer.get_vocab()
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for tok in stop_tokens:
-        if tok in vocab and vocab[tok] not in ids:
-            ids.append(vocab[tok])
-    return ids
 
 
 def _logits(model: Any, ids: Any) -> Any:
@@ -139,11 +119,11 @@ def _save_dtype(model: Any) -> Any:
     return dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
 
 
-def merged_model(cfg: DictConfig, run: RunDir, ids: Any) -> tuple[Any, dict]:
+def merged_model(cfg: Config, run: RunDir, ids: Any) -> tuple[Any, dict]:
     """The fp32 merged model and what the merge check measured."""
     import torch
 
-    method = _value(cfg.method.name)
+    method = str(cfg.method.name)
     if method == "full":  # the trainer saved the whole fine-tuned model in adapter_dir
         model = load_model(cfg.model, dtype=torch.float32, path=str(run.adapter_dir)).eval()
         return model, {"method": method, "merge_logits_max_diff": 0.0}
@@ -171,7 +151,7 @@ def merged_model(cfg: DictConfig, run: RunDir, ids: Any) -> tuple[Any, dict]:
     return model, info
 
 
-def merge(cfg: DictConfig, run: RunDir) -> dict:
+def merge(cfg: Config, run: RunDir) -> dict:
     """Stage `merge`: adapter + base -> run.merged_dir (safetensors, tokenizer, generation config, README)."""
     from transformers import AutoModelForCausalLM
 
@@ -180,11 +160,13 @@ def merge(cfg: DictConfig, run: RunDir) -> dict:
     if not run.adapter_dir.is_dir():
         raise ExportError(f"no trained model in {run.adapter_dir}: run the train stage first")
     start = time.perf_counter()
-    tokenizer = run_tokenizer(cfg, run)
+    tokenizer = saved_tokenizer(cfg.model, run.adapter_dir)
     ids = sample_ids(cfg, run, tokenizer)
     model, info = merged_model(cfg, run, ids)
 
-    eos_ids = stop_token_ids(tokenizer, list(cfg.model.stop_tokens))
+    stops = stop_token_ids(tokenizer, list(cfg.model.stop_tokens))
+    eos = tokenizer.eos_token_id  # first: it becomes config.eos_token_id
+    eos_ids = ([eos] if eos is not None else []) + [i for i in stops if i != eos]
     model.generation_config.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = eos_ids[0]

@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from omegaconf import DictConfig
-
-from finetune import data
-from finetune.pipeline import RunDir
+from finetune.core.config import Config
+from finetune.core.rundir import RunDir
+from finetune.data.rows import read_rows
 
 
-def read_rows(path: Path, limit: int | None = None) -> list[dict]:
+def split_rows(run: RunDir, split: str, limit: int | None = None) -> list[dict]:
     """The split's rows (none when the run has no such split)."""
-    return data.read_rows(path, limit) if path.is_file() else []
+    path = run.split_path(split)
+    return read_rows(path, limit) if path.is_file() else []
 
 
 def task_rows(run: RunDir, splits: tuple[str, ...] = ("test", "validation", "train"), limit: int = 1) -> list[dict]:
     """The first rows of the first split that has any (prompt/completion rows written by the data stage)."""
     for split in splits:
-        rows = read_rows(run.data_dir / f"{split}.jsonl", limit)
+        rows = split_rows(run, split, limit)
         if rows:
             return rows
     return []
 
 
-def fallback_prompt(cfg: DictConfig) -> list[dict]:
+def fallback_prompt(cfg: Config) -> list[dict]:
     """A prompt in the task's own format when the run has no data directory (export of an outside adapter)."""
     user = cfg.task.prompt_template.replace("{input}", "123 Main St, Springfield, IL 62704")
     system = cfg.task.system_prompt
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
-def task_prompt(cfg: DictConfig, run: RunDir) -> tuple[list[dict], str | None]:
+def task_prompt(cfg: Config, run: RunDir) -> tuple[list[dict], str | None]:
     """(prompt messages, reference completion text or None) of one real held-out example."""
     rows = task_rows(run)
     if not rows:
@@ -40,7 +38,7 @@ def task_prompt(cfg: DictConfig, run: RunDir) -> tuple[list[dict], str | None]:
     return list(rows[0]["prompt"]), (completion[0]["content"] if completion else None)
 
 
-def sample_conversations(cfg: DictConfig, run: RunDir) -> list[tuple[str, list[dict], bool]]:
+def sample_conversations(cfg: Config, run: RunDir) -> list[tuple[str, list[dict], bool]]:
     """(name, conversation as a client sends it, whether the Modelfile's SYSTEM applies) for the
     template check: the task's real prompt, no system prompt, a client's own system prompt, several
     turns, and awkward characters (quotes, backslashes, braces, template syntax, unicode)."""

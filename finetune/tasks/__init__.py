@@ -11,9 +11,9 @@ A new task of an existing kind needs only conf/task/<name>.yaml; a new kind adds
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
-from finetune.tasks.base import BadExample, Task, value_of
+from finetune.core.config import TaskConfig
+from finetune.core.errors import ConfigError
+from finetune.tasks.base import BadExample, Task
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.extraction import ExtractionTask
 from finetune.tasks.generation import GenerationTask
@@ -27,8 +27,9 @@ KINDS: dict[str, type[Task]] = {
 __all__ = ["BadExample", "Task", "get_task", "KINDS"]
 
 
-def get_task(task_cfg: DictConfig) -> Task:
-    kind = value_of(task_cfg.kind)
+def get_task(task_cfg: TaskConfig) -> Task:
+    """The task object for the config's kind; ConfigError for an unknown kind or a bad task config."""
+    kind = str(task_cfg.kind)
     if kind not in KINDS:
-        raise ValueError(f"task {task_cfg.name}: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
+        raise ConfigError(f"task {task_cfg.name}: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
     return KINDS[kind](task_cfg)

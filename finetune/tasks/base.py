@@ -11,7 +11,8 @@ import re
 import unicodedata
 from typing import Any
 
-from omegaconf import DictConfig
+from finetune.core.config import TaskConfig
+from finetune.core.errors import ConfigError
 
 
 class BadExample(ValueError):
@@ -40,30 +41,26 @@ def f1(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
-def value_of(kind: Any) -> str:
-    return str(getattr(kind, "value", kind))
-
-
 class Task:
     kind = ""
     headline_metric = ""
     specialists: tuple[str, ...] = ()  # baselines this kind offers; the first is the default
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
         self.name = str(cfg.name)
-        self.system_prompt = str(cfg.get("system_prompt") or "")
-        self.prompt_template = str(cfg.get("prompt_template") or "{input}")
-        self.specialist = str(cfg.get("specialist") or (self.specialists[0] if self.specialists else "none"))
+        self.system_prompt = cfg.system_prompt or ""
+        self.prompt_template = cfg.prompt_template or "{input}"
+        self.specialist = cfg.specialist or (self.specialists[0] if self.specialists else "none")
         if self.specialist not in ("none", *self.specialists):
-            raise ValueError(
+            raise ConfigError(
                 f"task {self.name}: specialist {self.specialist!r} is not one of {['none', *self.specialists]} "
                 f"for kind {self.kind}"
             )
         try:
             self.prompt_template.format(input="")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
+            raise ConfigError(
                 f"task {self.name}: prompt_template {self.prompt_template!r} must contain {{input}} and no other "
                 f"{{placeholder}} (write literal braces as {{{{ and }}}}): {exc!r}"
             ) from None

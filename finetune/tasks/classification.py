@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from omegaconf import DictConfig
-
+from finetune.core.config import TaskConfig
+from finetune.core.errors import ConfigError
 from finetune.tasks.base import BadExample, Task, f1, normalize_text, strip_fences
 
 _PREFIX = re.compile(r"^(?:the\s+)?(?:answer|label|category|class|classification)\s*(?:is)?\s*[:=-]?\s*", re.I)
@@ -28,17 +28,17 @@ class ClassificationTask(Task):
     headline_metric = "macro_f1"
     specialists = ("tfidf_logreg",)
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
-        self.labels = [str(label) for label in (cfg.get("labels") or [])]
+        self.labels = [str(label) for label in (cfg.labels or [])]
         if not self.labels:
-            raise ValueError(
+            raise ConfigError(
                 f"task {self.name} (kind classification) has no label set: set task.labels=[a,b,...] "
                 f"(conf/task/{self.name}.yaml)"
             )
         self._by_norm = {self._norm(label): label for label in self.labels}
         if len(self._by_norm) != len(self.labels):
-            raise ValueError(f"task {self.name}: labels {self.labels} are not distinct after case/punctuation folding")
+            raise ConfigError(f"task {self.name}: labels {self.labels} are not distinct after case/punctuation folding")
 
     @staticmethod
     def _norm(text: str) -> str:

@@ -17,8 +17,8 @@ import json
 import re
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
+from finetune.core.config import TaskConfig
+from finetune.core.errors import ConfigError
 from finetune.tasks.base import BadExample, Task, f1, normalize_text, strip_fences
 
 _DECODER = json.JSONDecoder()
@@ -82,14 +82,13 @@ class ExtractionTask(Task):
     headline_metric = "field_f1"
     specialists = ("none", "usaddress")  # no generic extraction baseline; usaddress for US addresses
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
-        schema = cfg.get("json_schema")
-        self.schema = OmegaConf.to_container(schema, resolve=True) if isinstance(schema, DictConfig) else schema
+        self.schema = dict(cfg.json_schema or {})
         properties = (self.schema or {}).get("properties") or {}
-        self.fields = [str(f) for f in (cfg.get("fields") or [])] or list(properties)
+        self.fields = [str(f) for f in (cfg.fields or [])] or list(properties)
         if not self.fields:
-            raise ValueError(
+            raise ConfigError(
                 f"task {self.name} (kind extraction) has no field list: set task.fields=[key1,key2,...] or "
                 f"task.json_schema with 'properties' (conf/task/{self.name}.yaml)"
             )

@@ -16,17 +16,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from finetune.export import ExportError
-from finetune.export.files import TMP_PREFIX, clean_stale
-from finetune.export.gotemplate import render_modelfile
-from finetune.export.llamacpp import gguf_adds_bos, gguf_tokenize, open_gguf
+from finetune.core.config import Config
+from finetune.core.errors import ExportError
+from finetune.core.files import TMP_PREFIX, clean_stale
+from finetune.core.rundir import RunDir, quant_of
+from finetune.export.ollama.checks import check_rendering, check_stops
+from finetune.export.ollama.gotemplate import render_modelfile
+from finetune.export.ollama.template import ollama_template
 from finetune.export.samples import sample_conversations
-from finetune.export.templates import ollama_template
-from finetune.export.verify import check_rendering, check_stops
-from finetune.models import load_tokenizer
-from finetune.pipeline import RunDir
+from finetune.models.loading import saved_tokenizer
+from finetune.runtimes.llamacpp import gguf_adds_bos, open_gguf, served_tokens
 
 log = logging.getLogger("finetune")
 
@@ -64,15 +63,11 @@ def _quoted(what: str, value: str) -> str:
     return q
 
 
-def quant_of(gguf: Path) -> str:
-    return gguf.stem.rsplit("-", 1)[-1]
-
-
-def ollama_name(cfg: DictConfig, quant: str) -> str:
+def ollama_name(cfg: Config, quant: str) -> str:
     return f"{cfg.model.name}-{cfg.task.name}:{quant}".lower()
 
 
-def modelfile_text(cfg: DictConfig, tokenizer: Any, gguf: Path, system: str, bos_added: bool = True) -> str:
+def modelfile_text(cfg: Config, tokenizer: Any, gguf: Path, system: str, bos_added: bool = True) -> str:
     """The Modelfile for `gguf`. A system prompt that no Modelfile quoting can carry goes into the
     TEMPLATE instead, as its default system prompt (a Go string literal). `bos_added`: whether
     llama.cpp adds BOS when tokenizing for this GGUF."""
@@ -91,17 +86,17 @@ def modelfile_text(cfg: DictConfig, tokenizer: Any, gguf: Path, system: str, bos
     elif system:
         lines.insert(2, "# The system prompt cannot be quoted in a Modelfile; the TEMPLATE carries it as its default.")
     lines += [f"PARAMETER stop {_quoted('stop token', s)}" for s in cfg.model.stop_tokens]
-    lines += [f"PARAMETER num_ctx {int(ocfg.num_ctx)}", f"PARAMETER temperature {float(ocfg.temperature):g}"]
+    lines += [f"PARAMETER num_ctx {ocfg.num_ctx}", f"PARAMETER temperature {ocfg.temperature:g}"]
     return "\n".join(lines) + "\n"
 
 
-def _check_commands(cfg: DictConfig, commands: list[dict], gguf: Path, system: str, where: str) -> None:
+def _check_commands(cfg: Config, commands: list[dict], gguf: Path, system: str, where: str) -> None:
     """What Ollama parses out of the Modelfile is what we meant to write."""
     def values(name: str) -> list[str]:
         return [c["args"] for c in commands if c["name"] == name]
 
     want = {"model": ["./" + gguf.name], "stop": list(cfg.model.stop_tokens),
-            "num_ctx": [str(int(cfg.export.ollama.num_ctx))]}
+            "num_ctx": [str(cfg.export.ollama.num_ctx)]}
     if system and values("system"):
         want["system"] = [system]
     for name, expected in want.items():
@@ -109,7 +104,7 @@ def _check_commands(cfg: DictConfig, commands: list[dict], gguf: Path, system: s
             raise ExportError(f"{where}: Ollama would read {name} = {values(name)!r}, expected {expected!r}")
 
 
-def verify_modelfile(cfg: DictConfig, run: RunDir, tokenizer: Any, gguf: Path, text: str, system: str,
+def verify_modelfile(cfg: Config, run: RunDir, tokenizer: Any, gguf: Path, text: str, system: str,
                      bos_added: bool) -> dict:
     where = f"Modelfile for {gguf.name}"
     convs = sample_conversations(cfg, run)
@@ -121,7 +116,7 @@ def verify_modelfile(cfg: DictConfig, run: RunDir, tokenizer: Any, gguf: Path, t
     _check_commands(cfg, commands, gguf, system, where)
     stops = [c["args"] for c in commands if c["name"] == "stop"]
     checks = []
-    with open_gguf(gguf, n_ctx=2048, n_threads=cfg.evaluate.get("n_threads")) as llm:
+    with open_gguf(gguf, n_ctx=2048, n_threads=cfg.evaluate.n_threads) as llm:
         if gguf_adds_bos(llm) != bos_added:
             raise ExportError(f"{where}: llama.cpp's BOS setting changed while checking")
         for (name, conv, _), rendered in zip(with_sys, prompts):
@@ -132,7 +127,7 @@ def verify_modelfile(cfg: DictConfig, run: RunDir, tokenizer: Any, gguf: Path, t
             checks.append(check_rendering(cfg, tokenizer, llm, name, conv, rendered, bos_added,
                                           where + " (without SYSTEM)"))
         task_prompt = (prompts + prompts_no_sys)[0]
-        generation = check_stops(cfg, llm, gguf_tokenize(llm, task_prompt), stops, where)
+        generation = check_stops(cfg, llm, served_tokens(llm, task_prompt), stops, where)
     return {"conversations": checks, "stop_check": generation, "bos_added_by_llama_cpp": bos_added}
 
 
@@ -145,21 +140,20 @@ def _ollama_create(name: str, modelfile: Path) -> dict:
     return {"created": True}
 
 
-def write_modelfiles(cfg: DictConfig, run: RunDir) -> dict:
+def write_modelfiles(cfg: Config, run: RunDir) -> dict:
     """Stage `ollama`: run.gguf_dir/Modelfile.<QUANT> for every GGUF there, checked, plus `ollama create`."""
-    if cfg.export.get("ollama") is None:
+    if cfg.export.ollama is None:
         return {"skipped": "export.ollama is not set"}
-    ggufs = sorted(run.gguf_dir.glob(f"{cfg.model.name}-{cfg.task.name}-*.gguf")) if run.gguf_dir.is_dir() else []
+    ggufs = run.gguf_files(cfg.model.name, cfg.task.name)
     if not ggufs:
         raise ExportError(f"no GGUF of {cfg.model.name}-{cfg.task.name} in {run.gguf_dir}: run the gguf stage first")
     clean_stale(run.gguf_dir, "Modelfile")
-    src = run.merged_dir if (run.merged_dir / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(cfg.model, path=str(src) if src else None)
+    tokenizer = saved_tokenizer(cfg.model, run.merged_dir)
     system = cfg.task.system_prompt or ""
     summary: dict[str, Any] = {"modelfiles": {}}
     for gguf in ggufs:
         quant = quant_of(gguf)
-        final = run.gguf_dir / f"Modelfile.{quant}"
+        final = run.modelfile_path(quant)
         tmp = run.gguf_dir / f"{TMP_PREFIX}Modelfile.{quant}-{uuid.uuid4().hex[:8]}"
         with open_gguf(gguf, vocab_only=True) as vocab:
             bos_added = gguf_adds_bos(vocab)

@@ -3,7 +3,7 @@
     prepare(cfg, run) -> summary   writes run.data_dir/{train,validation,test}.jsonl + validation_report.json
 
 Order of work, all before any training:
-1. read the files (finetune.data_sources): unreadable files, non-UTF-8 bytes, broken JSON lines,
+1. read the files (finetune.data.sources): unreadable files, non-UTF-8 bytes, broken JSON lines,
    missing columns or no usable rows stop at once with file:row and what was expected;
 2. check every row (empty, missing or wrong-typed fields, labels outside the label set, answers
    that are not JSON or have keys outside the field list): such rows are dropped and counted;
@@ -13,26 +13,23 @@ Order of work, all before any training:
 5. count tokens with the model's chat template: examples longer than method.max_length are dropped
    from train/validation (counted; test keeps them);
 6. cap train / validation+test at task.data.max_train_examples / max_eval_examples;
-7. render rows in TRL's prompt/completion conversational format (docs/architecture.md).
-
-`tokenize_row` gives the input_ids/labels of one row with completion-only loss over exactly the
-answer tokens plus the end-of-turn token, for tests and cross-checks of TRL.
+7. render rows in TRL's prompt/completion conversational format (finetune.data.rows).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
-
-from finetune.data_sources import (
-    SPLITS,
-    DataError,
+from finetune.core.config import Config, DataConfig, TaskConfig
+from finetune.core.errors import DataError
+from finetune.core.files import write_json_atomic, write_jsonl_atomic
+from finetune.core.rundir import SPLITS, RunDir
+from finetune.data.rows import count_tokens, render_row
+from finetune.data.sources import (
     Example,
     Record,
     check_columns,
@@ -44,13 +41,11 @@ from finetune.data_sources import (
     split_files,
     to_example,
 )
+from finetune.models.loading import load_tokenizer
 from finetune.tasks import BadExample, Task, get_task
 
 log = logging.getLogger("finetune")
 MAX_ISSUES_PER_KIND = 20  # listed in validation_report.json; all are counted
-
-__all__ = ["prepare", "split_task_data", "tokenize_row", "count_tokens", "split_examples", "DataError", "read_rows"]
-
 
 class Report:
     """Every problem found, counted by kind, the first few of each kind listed with file:row."""
@@ -76,21 +71,21 @@ class Report:
 # ---- loading ---------------------------------------------------------------------------------
 
 
-def _read_sources(data_cfg: DictConfig, task_name: str) -> dict[str, list[list[Record]]]:
+def _read_sources(data_cfg: DataConfig, task_name: str) -> dict[str, list[list[Record]]]:
     """{"pool": files to split, "validation"/"test": explicit files}, each a list of files' records."""
-    if data_cfg.get("hub_dataset"):
+    if data_cfg.hub_dataset:
         hub = load_hub(data_cfg)
         return {"pool" if split == "train" else split: [records] for split, records in hub.items()}
-    explicit = {s: data_cfg.get(f"{s}_path") for s in SPLITS}
-    if data_cfg.get("path") and explicit["train"]:
+    explicit = {s: getattr(data_cfg, f"{s}_path") for s in SPLITS}
+    if data_cfg.path and explicit["train"]:
         raise DataError("set task.data.path (split automatically) or task.data.train_path, not both")
-    pool_value = data_cfg.get("path") or explicit["train"]
+    pool_value = data_cfg.path or explicit["train"]
     if not pool_value:
         raise DataError(
             f"task {task_name} has no data: set task.data.path=FILE_OR_FOLDER (.jsonl/.json/.csv/.parquet), "
             f"task.data.train_path=... (+ validation_path/test_path), or task.data.hub_dataset=NAME"
         )
-    pool = resolve_path(pool_value, "task.data.path" if data_cfg.get("path") else "task.data.train_path")
+    pool = resolve_path(pool_value, "task.data.path" if data_cfg.path else "task.data.train_path")
     paths: dict[str, list[Path]] = {}
     found = split_files(pool) if pool.is_dir() else {}
     if found.get("train"):
@@ -104,7 +99,7 @@ def _read_sources(data_cfg: DictConfig, task_name: str) -> dict[str, list[list[R
     return {key: [read_records(p) for p in files] for key, files in paths.items()}
 
 
-def load_task_data(cfg_task: DictConfig, task: Task, report: Report) -> dict[str, list[Example]]:
+def load_task_data(cfg_task: TaskConfig, task: Task, report: Report) -> dict[str, list[Example]]:
     """Usable examples per source ("pool", and explicit "validation"/"test"); bad rows go to the report."""
     sources = _read_sources(cfg_task.data, task.name)
     out: dict[str, list[Example]] = {}
@@ -163,13 +158,13 @@ def split_examples(
     return {"test": ordered[:n_test], "validation": ordered[n_test : n_test + n_val], "train": ordered[n_test + n_val :]}
 
 
-def _assign_splits(sources: dict[str, list[Example]], data_cfg: DictConfig) -> dict[str, list[Example]]:
-    val_f = 0.0 if "validation" in sources else float(data_cfg.validation_fraction)
-    test_f = 0.0 if "test" in sources else float(data_cfg.test_fraction)
-    splits = split_examples(sources["pool"], val_f, test_f, int(data_cfg.split_seed))
+def _assign_splits(sources: dict[str, list[Example]], data_cfg: DataConfig) -> dict[str, list[Example]]:
+    val_f = 0.0 if "validation" in sources else data_cfg.validation_fraction
+    test_f = 0.0 if "test" in sources else data_cfg.test_fraction
+    splits = split_examples(sources["pool"], val_f, test_f, data_cfg.split_seed)
     for split in ("validation", "test"):
         if split in sources:
-            splits[split] = sorted(sources[split], key=lambda e: (_split_key(int(data_cfg.split_seed), e), e.index))
+            splits[split] = sorted(sources[split], key=lambda e: (_split_key(data_cfg.split_seed, e), e.index))
     return splits
 
 
@@ -192,71 +187,9 @@ def _remove_leaks(splits: dict[str, list[Example]], report: Report) -> None:
 # ---- rendering and tokens ------------------------------------------------------------------------
 
 
-def render_row(task: Task, example: Example) -> dict:
-    prompt = example.prompt if example.prompt is not None else task.prompt_messages(example.input)
-    return {
-        "id": f"{task.name}-{example.index:06d}",
-        "prompt": prompt,
-        "completion": [{"role": "assistant", "content": task.answer_text(example.reference)}],
-        "reference": example.reference,
-        "input": example.input,
-        "source": f"{example.file}:{example.row}",
-    }
-
-
-def _adapt(messages: list[dict], model_cfg: DictConfig) -> list[dict]:
-    try:
-        from finetune.models import adapt_messages
-    except ImportError:  # models.py not there: templates with a system role only
-        return list(messages)
-    return adapt_messages(messages, model_cfg)
-
-
-def tokenize_row(row: dict, tokenizer: Any, model_cfg: DictConfig, max_length: int | None = None) -> dict:
-    """input_ids and labels of one row; labels are -100 except the answer tokens + the end-of-turn token.
-
-    The prompt is rendered with add_generation_prompt=True, as at inference. Anything the template
-    writes after model_cfg.eos_token (ChatML's newline) is context, not trained.
-    """
-    prompt = _adapt(row["prompt"], model_cfg)
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + list(row["completion"]), tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError(f"row {row.get('id')}: the chat template renders the prompt differently when an answer follows")
-    eos = str(model_cfg.eos_token)
-    end = full_text.find(eos, len(prompt_text))
-    if end < 0:
-        raise ValueError(f"row {row.get('id')}: the chat template does not end the answer with {eos!r}")
-    end += len(eos)
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    prompt_ids, answer_end_ids, input_ids = ids(prompt_text), ids(full_text[:end]), ids(full_text)
-    if input_ids[: len(prompt_ids)] != prompt_ids or input_ids[: len(answer_end_ids)] != answer_end_ids:
-        raise ValueError(f"row {row.get('id')}: tokens merge across the prompt/answer boundary")
-    a, b = len(prompt_ids), len(answer_end_ids)
-    mask = [0] * a + [1] * (b - a) + [0] * (len(input_ids) - b)
-    labels = [t if m else -100 for t, m in zip(input_ids, mask)]
-    if max_length is not None:
-        input_ids, labels, mask = input_ids[:max_length], labels[:max_length], mask[:max_length]
-    return {"input_ids": input_ids, "labels": labels, "completion_mask": mask}
-
-
-def count_tokens(rows: list[dict], tokenizer: Any, model_cfg: DictConfig) -> list[int]:
-    """Tokens of each whole row (prompt + answer) with the model's chat template."""
-    texts = [tokenizer.apply_chat_template(_adapt(r["prompt"], model_cfg) + list(r["completion"]), tokenize=False)
-             for r in rows]
-    if not texts:
-        return []
-    return [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def _length_counter(cfg: DictConfig, tokenizer: Any) -> tuple[Callable[[list[dict]], list[int]] | None, str]:
+def _length_counter(cfg: Config, tokenizer: Any) -> tuple[Callable[[list[dict]], list[int]] | None, str]:
     if tokenizer is None:
         try:
-            from finetune.models import load_tokenizer
-
             tokenizer = load_tokenizer(cfg.model)
         except Exception as exc:  # no model files here: the data is still usable, say so in the report
             log.warning("[data] no tokenizer for %s (%s): example lengths not checked", cfg.model.name, exc)
@@ -267,60 +200,12 @@ def _length_counter(cfg: DictConfig, tokenizer: Any) -> tuple[Callable[[list[dic
 # ---- the stage ----------------------------------------------------------------------------------
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
-SPLIT_ROW = "{'id', 'prompt': [messages], 'completion': [assistant message], 'reference'}"
-
-
-def read_rows(path: Path, limit: int | None = None, required: tuple[str, ...] = ("prompt", "completion")) -> list[dict]:
-    """Rows of a split file written by the data stage (plain JSON: extraction references keep their keys).
-
-    A line that is not a JSON object, or lacks one of `required`, stops with DataError naming file:line."""
-    path = Path(path)
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not a JSON object: {exc}") from None
-            missing = [k for k in required if not isinstance(row, dict) or k not in row
-                       or (k in ("prompt", "completion") and not row[k])]
-            if missing:
-                got = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{lineno}: expected {SPLIT_ROW} (the data stage's prompt/completion "
-                                f"format); missing {missing}, got keys {got}")
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                break
-    return rows
-
-
-def prepare(cfg: DictConfig, run: Any, tokenizer: Any = None) -> dict:
-    """The data stage. `tokenizer` (optional) saves loading the model's tokenizer again."""
-    try:
-        return _prepare(cfg, run, tokenizer)
-    except DataError as exc:
-        raise SystemExit(f"error: {exc}") from None
-
-
-def split_task_data(cfg_task: DictConfig, report: Report | None = None) -> tuple[Task, dict, dict, int]:
+def split_task_data(cfg_task: TaskConfig, report: Report | None = None) -> tuple[Task, dict, dict, int]:
     """Load, check, split and render a task's data (no token count, no caps).
 
     Returns (task, examples per split, rendered rows per split, number of usable rows).
     """
-    try:
-        task = get_task(cfg_task)
-    except ValueError as exc:
-        raise DataError(str(exc)) from None
+    task = get_task(cfg_task)
     report = report if report is not None else Report()
     sources = load_task_data(cfg_task, task, report)
     splits = _assign_splits(sources, cfg_task.data)
@@ -329,11 +214,12 @@ def split_task_data(cfg_task: DictConfig, report: Report | None = None) -> tuple
     return task, splits, rendered, sum(len(v) for v in sources.values())
 
 
-def _prepare(cfg: DictConfig, run: Any, tokenizer: Any) -> dict:
+def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
+    """The data stage. `tokenizer` (optional) saves loading the model's tokenizer again."""
     data_cfg, report = cfg.task.data, Report()
     task, splits, rendered, rows_usable = split_task_data(cfg.task, report)
 
-    max_length = int(cfg.method.max_length)
+    max_length = cfg.method.max_length
     counter, length_check = _length_counter(cfg, tokenizer)
     lengths: dict[str, dict] = {}
     if counter is not None:
@@ -365,7 +251,7 @@ def _prepare(cfg: DictConfig, run: Any, tokenizer: Any) -> dict:
 
     run.data_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        write_jsonl(run.data_dir / f"{split}.jsonl", rendered[split])
+        write_jsonl_atomic(run.split_path(split), rendered[split])
     warnings = report.log_summary()
     counts = {s: len(rendered[s]) for s in SPLITS}
     report_json = {
@@ -376,14 +262,14 @@ def _prepare(cfg: DictConfig, run: Any, tokenizer: Any) -> dict:
         "rows_usable": rows_usable,
         "problems": dict(sorted(report.counts.items())),
         "issues": report.issues,
-        "split_seed": int(data_cfg.split_seed),
+        "split_seed": data_cfg.split_seed,
         "splits": counts,
         "capped_from": capped,
         "max_length": max_length,
         "length_check": length_check,
         "token_lengths": lengths,
     }
-    (run.data_dir / "validation_report.json").write_text(json.dumps(report_json, indent=2, ensure_ascii=False, default=str))
+    write_json_atomic(run.validation_report_path, report_json)
     log.info("[data] %s: %d usable of %d rows -> train %d, validation %d, test %d", task.name, rows_usable,
              report_json["rows_read"], counts["train"], counts["validation"], counts["test"])
     return {

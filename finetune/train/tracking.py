@@ -21,20 +21,22 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
-from omegaconf import DictConfig, OmegaConf
-
-from finetune.pipeline import is_main_process
+from finetune.core.config import Config, to_dict
+from finetune.core.distributed import is_main_process
+from finetune.core.errors import ConfigError
+from finetune.core.files import write_json_atomic
+from finetune.core.rundir import RunDir
 
 log = logging.getLogger("finetune")
 
 WANDB_HOST = "api.wandb.ai"
 
 
-def tracker_name(cfg: DictConfig) -> str:
-    return str(getattr(cfg.tracking.name, "value", cfg.tracking.name))
+def tracker_name(cfg: Config) -> str:
+    return str(cfg.tracking.name)
 
 
-def report_to(cfg: DictConfig) -> list[str]:
+def report_to(cfg: Config) -> list[str]:
     """For TrainingArguments.report_to: the one integration the run logs to, or ["none"]."""
     return [tracker_name(cfg)]
 
@@ -52,38 +54,32 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def wandb_mode(cfg: DictConfig) -> str:
+def wandb_mode(cfg: Config) -> str:
     """online | offline | disabled. mode=auto: WANDB_MODE if the user set it, else online when logged in."""
-    mode = str(cfg.tracking.mode)
+    mode = cfg.tracking.mode
     if mode == "auto":
         env = os.environ.get("WANDB_MODE", "").lower()
         if env in ("online", "offline", "disabled"):
             return env
         return "online" if wandb_logged_in() else "offline"
     if mode not in ("online", "offline", "disabled"):
-        raise SystemExit(f"error: tracking.mode={mode!r}: expected auto, online, offline or disabled")
+        raise ConfigError(f"tracking.mode={mode!r}: expected auto, online, offline or disabled")
     return mode
 
 
 # ---------------------------------------------------------------- run ids kept in the run directory
-def _ids_path(run) -> Path:
-    return run.root / "tracking.json"
-
-
-def _ids(run) -> dict:
-    path = _ids_path(run)
+def _ids(run: RunDir) -> dict:
+    path = run.tracking_path
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _save_id(run, key: str, value: str) -> None:
+def _save_id(run: RunDir, key: str, value: str) -> None:
     ids = {**_ids(run), key: value}
     run.root.mkdir(parents=True, exist_ok=True)
-    tmp = _ids_path(run).with_suffix(".tmp")
-    tmp.write_text(json.dumps(ids, indent=2))
-    tmp.replace(_ids_path(run))
+    write_json_atomic(run.tracking_path, ids)
 
 
-def _wandb_run_id(run) -> str:
+def _wandb_run_id(run: RunDir) -> str:
     run_id = _ids(run).get("wandb_run_id")
     if not run_id:
         alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"  # the form of W&B's own run ids
@@ -92,11 +88,11 @@ def _wandb_run_id(run) -> str:
     return run_id
 
 
-def _mlflow_uri(run) -> str:
+def _mlflow_uri(run: RunDir) -> str:
     return (run.root / "mlruns").resolve().as_uri()
 
 
-def _mlflow_run_id(cfg: DictConfig, run) -> str:
+def _mlflow_run_id(cfg: Config, run: RunDir) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=_mlflow_uri(run))
@@ -108,11 +104,11 @@ def _mlflow_run_id(cfg: DictConfig, run) -> str:
     tags = {"mlflow.runName": run.root.name, **{t: "true" for t in cfg.tracking.tags}}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     _save_id(run, "mlflow_run_id", run_id)
-    client.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.json")
+    client.log_dict(run_id, to_dict(cfg), "config.json")
     return run_id
 
 
-def _env(cfg: DictConfig, run) -> dict[str, str]:
+def _env(cfg: Config, run: RunDir) -> dict[str, str]:
     name = tracker_name(cfg)
     if name == "wandb":
         return {"WANDB_DIR": str(run.root), "WANDB_PROJECT": cfg.tracking.project, "WANDB_MODE": wandb_mode(cfg),
@@ -140,7 +136,7 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tracker(cfg: DictConfig, run) -> Iterator[None]:
+def tracker(cfg: Config, run: RunDir) -> Iterator[None]:
     """Around training: the tracker's environment (restored afterwards) and, on rank 0, its run."""
     name = tracker_name(cfg)
     if name == "none" or not is_main_process():
@@ -164,7 +160,7 @@ def tracker(cfg: DictConfig, run) -> Iterator[None]:
             wandb_run = wandb.init(project=cfg.tracking.project, id=env["WANDB_RUN_ID"], resume="allow",
                                    dir=str(run.root), mode=env["WANDB_MODE"], name=run.root.name,
                                    tags=list(cfg.tracking.tags), job_type="train",
-                                   config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+                                   config=to_dict(cfg))
             log.info("W&B run %s (%s) in %s", wandb_run.id, env["WANDB_MODE"], run.root / "wandb")
         try:
             yield
@@ -182,19 +178,19 @@ def tracker(cfg: DictConfig, run) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- results after evaluation
-def _flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a nested dict as {'a/b/c': value}."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "/"))
+            out.update(flatten_metrics(value, name + "/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = float(value)
     return out
 
 
-def _columns(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:
+def table_columns(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:
     """A table of scalars: columns in first-seen order, anything nested as JSON text."""
     columns: list[str] = []
     for row in rows:
@@ -203,8 +199,8 @@ def _columns(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:
     return columns, [[cell(row.get(c)) for c in columns] for row in rows]
 
 
-def _last_step(run) -> int:
-    path = run.root / "train_log.json"
+def _last_step(run: RunDir) -> int:
+    path = run.train_log_path
     try:
         history = json.loads(path.read_text())
         history = history.get("log_history", []) if isinstance(history, dict) else history
@@ -213,12 +209,12 @@ def _last_step(run) -> int:
         return 0
 
 
-def log_results(cfg: DictConfig, run, metrics: dict, tables: dict[str, list[dict]], artifacts: dict[str, str]) -> None:
+def log_results(cfg: Config, run: RunDir, metrics: dict, tables: dict[str, list[dict]], artifacts: dict[str, str]) -> None:
     """Log the evaluation (metrics, per-example tables, paths of the exported artifacts) to the run's tracker."""
     name = tracker_name(cfg)
     if name == "none" or not is_main_process():
         return
-    flat = {f"results/{k}": v for k, v in _flatten(metrics).items()}
+    flat = {f"results/{k}": v for k, v in flatten_metrics(metrics).items()}
     artifacts = {k: str(v) for k, v in artifacts.items()}
     with _environ(_env(cfg, run)):
         if name == "wandb":
@@ -230,7 +226,7 @@ def log_results(cfg: DictConfig, run, metrics: dict, tables: dict[str, list[dict
     log.info("logged evaluation results to %s", name)
 
 
-def _wandb_results(cfg, run, flat, tables, artifacts) -> None:
+def _wandb_results(cfg, run: RunDir, flat, tables, artifacts) -> None:
     import wandb
 
     wrun = wandb.init(project=cfg.tracking.project, id=_wandb_run_id(run), resume="allow", dir=str(run.root),
@@ -238,7 +234,7 @@ def _wandb_results(cfg, run, flat, tables, artifacts) -> None:
     try:
         payload: dict[str, Any] = dict(flat)
         for table_name, rows in tables.items():
-            columns, data = _columns(rows)
+            columns, data = table_columns(rows)
             payload[f"results/{table_name}"] = wandb.Table(columns=columns, data=data)
         wrun.log(payload)
         wrun.summary.update({**flat, **{f"artifacts/{k}": v for k, v in artifacts.items()}})
@@ -256,7 +252,7 @@ def _tensorboard_results(run, flat, tables, artifacts) -> None:
         for key, value in flat.items():
             writer.add_scalar(key, value, step)
         for table_name, rows in tables.items():
-            columns, data = _columns(rows[:200])
+            columns, data = table_columns(rows[:200])
             md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             md += ["| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in r) + " |" for r in data]
             writer.add_text(f"results/{table_name}", "\n".join(md), step)
@@ -265,7 +261,7 @@ def _tensorboard_results(run, flat, tables, artifacts) -> None:
         writer.close()
 
 
-def _mlflow_results(cfg, run, flat, tables, artifacts) -> None:
+def _mlflow_results(cfg, run: RunDir, flat, tables, artifacts) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=_mlflow_uri(run))
@@ -274,7 +270,7 @@ def _mlflow_results(cfg, run, flat, tables, artifacts) -> None:
     for key, value in flat.items():
         client.log_metric(run_id, key, value, step=step)
     for table_name, rows in tables.items():
-        columns, data = _columns(rows)
+        columns, data = table_columns(rows)
         client.log_table(run_id, {c: [r[i] for r in data] for i, c in enumerate(columns)}, f"results/{table_name}.json")
     client.log_dict(run_id, artifacts, "artifacts.json")
     for key, value in artifacts.items():

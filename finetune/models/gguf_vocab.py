@@ -42,7 +42,7 @@ def read_gguf_vocab(gguf_path: Path) -> GGUFVocab:
     """The vocabulary of a GGUF, as llama.cpp reads it (about 2 s for Gemma's 262k tokens)."""
     import llama_cpp
 
-    from finetune.export.llamacpp import open_gguf
+    from finetune.runtimes.llamacpp import open_gguf
 
     with open_gguf(Path(gguf_path), vocab_only=True) as llm:
         vocab = llm._model.vocab

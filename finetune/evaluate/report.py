@@ -1,4 +1,4 @@
-"""The run's report (report.md + plots) from metrics.json and the run directory, and finetune-compare.
+"""The run's report (report.md + plots) from metrics.json and the run directory.
 
 report.md is written for people; metrics.json is the stable interface for scripts. Every number in
 the report's results table is printed from metrics.json (4 decimals for metrics, 2 for speeds).
@@ -6,49 +6,26 @@ the report's results table is printed from metrics.json (4 decimals for metrics,
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from finetune.evaluate import INFO_KEYS, SPEED_KEYS
-from finetune.pipeline import RunDir
+from finetune.core.config import Config
+from finetune.core.files import write_text_atomic
+from finetune.core.rundir import RunDir
+from finetune.evaluate.metrics import (
+    INFO_KEYS,
+    SPEED_KEYS,
+    cell,
+    fmt,
+    human_size,
+    md_table,
+    read_json,
+    read_predictions,
+)
+from finetune.evaluate.plots import plot_confusion, plot_loss
 
 MAX_LISTED = 12  # validation-report list items and wrong predictions shown
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _cell(text: Any, limit: int = 120) -> str:
-    text = str(text).replace("\n", "\\n").replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def metric_columns(metrics: dict) -> list[str]:
@@ -104,16 +81,9 @@ def parse_results_table(text: str) -> dict[str, dict[str, str]]:
 # Inputs from the run directory
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def train_log(run: RunDir) -> list[dict]:
     """The trainer's log_history (train_log.json holds the list, or {"log_history": [...]})."""
-    data = read_json(run.root / "train_log.json")
+    data = read_json(run.train_log_path)
     if isinstance(data, dict):
         data = data.get("log_history")
     return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
@@ -144,9 +114,9 @@ def summary_lines(obj: Any, depth: int = 0) -> list[str]:
     elif isinstance(obj, list):
         for item in obj[:MAX_LISTED]:
             if isinstance(item, dict):
-                lines.append(f"{pad}- " + ", ".join(f"{k}={_cell(_short(v), 80)}" for k, v in item.items()))
+                lines.append(f"{pad}- " + ", ".join(f"{k}={cell(_short(v), 80)}" for k, v in item.items()))
             else:
-                lines.append(f"{pad}- {_cell(fmt(item))}")
+                lines.append(f"{pad}- {cell(fmt(item))}")
         if len(obj) > MAX_LISTED:
             lines.append(f"{pad}- … {len(obj) - MAX_LISTED} more")
     return lines
@@ -166,75 +136,10 @@ def exported_files(run: RunDir) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_loss(history: list[dict], path: Path) -> Path | None:
-    train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
-    val = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
-    if not train and not val:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for points, label, style in ((train, "training loss", "-"), (val, "validation loss", "o-")):
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_confusion(predictions: list[dict], labels: list[str], title: str, path: Path) -> Path | None:
-    if not predictions:
-        return None
-    other = "(other)"
-    names = list(labels) or sorted({str(p["reference"]) for p in predictions})
-    names = names + [other]
-    index = {n: i for i, n in enumerate(names)}
-    counts = [[0] * len(names) for _ in names]
-    for p in predictions:
-        truth = index.get(str(p["reference"]), index[other])
-        guess = index.get(str(p.get("parsed")), index[other])
-        counts[truth][guess] += 1
-    plt = _pyplot()
-    size = 2 + 0.5 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("expected")
-    ax.set_title(title)
-    for i, row in enumerate(counts):
-        for j, c in enumerate(row):
-            if c:
-                ax.text(j, i, str(c), ha="center", va="center", color="black")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
 # report.md
 
 
-def write_report(cfg: DictConfig, run: RunDir, metrics: dict) -> dict[str, str]:
+def write_report(cfg: Config, run: RunDir, metrics: dict) -> dict[str, str]:
     """Write report.md and the plots; returns {artifact name: path}."""
     run.plots_dir.mkdir(parents=True, exist_ok=True)
     files = {"metrics": str(run.metrics_path)}
@@ -246,28 +151,19 @@ def write_report(cfg: DictConfig, run: RunDir, metrics: dict) -> dict[str, str]:
     if metrics.get("task_kind") == "classification":
         ok = [n for n, e in metrics["models"].items() if "error" not in e]
         name = next((n for n in ("finetuned", "merged", "base") if n in ok), ok[0] if ok else None)
-        preds = _read_predictions(run, name) if name else []
+        preds = read_predictions(run, name) if name else []
         confusion = plot_confusion(preds, list(cfg.task.labels), f"{name} on {metrics['task']}",
                                    run.plots_dir / "confusion_matrix.png")
         if confusion:
             files["confusion_matrix"] = str(confusion)
 
     lines = _report_lines(cfg, run, metrics, history, loss_png, confusion)
-    tmp = run.report_path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(run.report_path)
+    write_text_atomic(run.report_path, "\n".join(lines) + "\n")
     files["report"] = str(run.report_path)
     return files
 
 
-def _read_predictions(run: RunDir, name: str) -> list[dict]:
-    path = run.predictions_dir / f"{name}.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _report_lines(cfg: DictConfig, run: RunDir, metrics: dict, history: list[dict],
+def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
                   loss_png: Path | None, confusion: Path | None) -> list[str]:
     head, models = metrics["headline_metric"], metrics["models"]
     gen = metrics.get("generation", {})
@@ -296,22 +192,22 @@ def _report_lines(cfg: DictConfig, run: RunDir, metrics: dict, history: list[dic
     ]
     errors = [(n, e["error"]) for n, e in models.items() if "error" in e]
     if errors:
-        lines += ["Could not be evaluated:", ""] + [f"- {n}: `{_cell(err, 300)}`" for n, err in errors] + [""]
+        lines += ["Could not be evaluated:", ""] + [f"- {n}: `{cell(err, 300)}`" for n, err in errors] + [""]
     lines += ["Predictions: `predictions/<model>.jsonl` (id, input, expected, output, parsed, correct).", ""]
 
     worst = next((n for n in ("finetuned", "merged") if n in models and "error" not in models[n]), None)
-    wrong = [p for p in _read_predictions(run, worst) if not p.get("correct")] if worst else []
+    wrong = [p for p in read_predictions(run, worst) if not p.get("correct")] if worst else []
     if wrong:
         lines += [f"### Examples `{worst}` got wrong ({len(wrong)} of {models[worst]['n']}, first "
                   f"{min(len(wrong), MAX_LISTED // 2)})", ""]
         lines += md_table(["id", "input", "expected", "output"],
-                          [[_cell(p["id"]), _cell(p["input"]), _cell(p["expected"]), _cell(p["output"])]
+                          [[cell(p["id"]), cell(p["input"]), cell(p["expected"]), cell(p["output"])]
                            for p in wrong[: MAX_LISTED // 2]]) + [""]
     if confusion:
         lines += [f"![confusion matrix]({confusion.relative_to(run.root)})", ""]
 
     lines += ["## Data", ""]
-    validation = read_json(run.data_dir / "validation_report.json")
+    validation = read_json(run.validation_report_path)
     lines += (summary_lines(validation) if validation else ["No `data/validation_report.json` in this run."]) + [""]
 
     lines += ["## Training", ""]
@@ -337,7 +233,7 @@ def _report_lines(cfg: DictConfig, run: RunDir, metrics: dict, history: list[dic
     lines += (md_table(["file", "size", "contents"], exported) if exported else ["Nothing exported in this run."]) + [""]
 
     lines += ["## Reproduce", ""]
-    command = (read_json(run.root / "run.json") or {}).get("command")
+    command = (read_json(run.run_json) or {}).get("command")
     if command:
         lines += ["The run:", "", "```", command, "```", ""]
     lines += ["This evaluation and report, on the run as it is now:", "", "```", reevaluate_command(run, command),
@@ -351,52 +247,3 @@ def reevaluate_command(run: RunDir, command: str | None) -> str:
     keep = [a for a in args if not a.split("=", 1)[0].lstrip("+~") in ("stages", "run_dir")]
     return " ".join(["python -m finetune", *map(shlex.quote, keep), shlex.quote("stages=[evaluate]"),
                      f"run_dir={shlex.quote(str(run.root))}"])
-
-
-# ---------------------------------------------------------------------------------------------
-# finetune-compare
-
-
-def compare_table(run_dirs: list[str], metric: str | None = None) -> list[str]:
-    """One row per run, one column per evaluated model/artifact: the headline (or chosen) metric."""
-    runs = []
-    for d in run_dirs:
-        path = Path(d) / "metrics.json"
-        data = read_json(path)
-        if not isinstance(data, dict) or "models" not in data:
-            raise SystemExit(f"error: {path} is missing or not a metrics.json; evaluate the run first:\n"
-                             f"  python -m finetune stages=[evaluate] run_dir={d}")
-        runs.append((d, data))
-    names: list[str] = []
-    for _, data in runs:
-        names += [n for n in data["models"] if n not in names]
-    rows = []
-    for d, data in runs:
-        key = metric or data["headline_metric"]
-        cells = []
-        for n in names:
-            entry = data["models"].get(n)
-            digits = 2 if key in SPEED_KEYS else 4
-            cells.append("" if entry is None else "error" if "error" in entry else fmt(entry.get(key), digits))
-        rows.append([d, data.get("task", ""), data.get("model", ""), key, str(data.get("n", ""))] + cells)
-    header = ["run", "task", "model", "metric", "n"] + names
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    pad = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return [pad(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [pad(r) for r in rows]
-
-
-def compare_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="finetune-compare",
-        description="Print the headline metric of every evaluated model/artifact across run directories.",
-    )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--metric", help="another metrics.json key instead of each run's headline metric, "
-                        "e.g. tokens_per_s or latency_s_mean")
-    args = parser.parse_args(argv)
-    print("\n".join(compare_table(args.run_dirs, args.metric)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(compare_main())

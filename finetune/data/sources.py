@@ -4,7 +4,7 @@ alpaca, or mapped columns).
 
 Problems that make a whole file unusable raise DataError at once, naming the file and the
 (1-based, editor-style) line or row; problems with single rows raise BadExample (from the task or
-from here) and are counted by finetune.data.
+from here) and are counted by finetune.data.prepare.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from finetune.config import PROJECT_ROOT
+from finetune.core.config import PROJECT_ROOT, DataConfig
+from finetune.core.errors import DataError
 from finetune.tasks import BadExample, Task
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".parquet")
-SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 ROLES = ("system", "user", "assistant")
 FORMAT_COLUMNS = {  # what each format needs in every row
@@ -30,10 +28,6 @@ FORMAT_COLUMNS = {  # what each format needs in every row
     "messages": ("messages",),
     "alpaca": ("instruction", "output"),
 }
-
-
-class DataError(ValueError):
-    """The data cannot be used at all; the message names the file (and row) and what was expected."""
 
 
 @dataclass
@@ -175,13 +169,13 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def load_hub(data_cfg: DictConfig) -> dict[str, list[Record]]:
+def load_hub(data_cfg: DataConfig) -> dict[str, list[Record]]:
     """Splits of a hub dataset (datasets.load_dataset), for users who are online."""
     name = str(data_cfg.hub_dataset)
     try:
         import datasets
 
-        loaded = datasets.load_dataset(name, data_cfg.get("hub_config"))
+        loaded = datasets.load_dataset(name, data_cfg.hub_config)
     except Exception as exc:  # offline, unknown name, gated...: all end the same way
         raise DataError(
             f"hub dataset {name!r}: cannot load ({type(exc).__name__}: {exc}). Without network access, download "
@@ -200,12 +194,12 @@ def load_hub(data_cfg: DictConfig) -> dict[str, list[Record]]:
 # ---- records -> examples -------------------------------------------------------------------
 
 
-def detect_format(records: list[Record], data_cfg: DictConfig) -> str:
-    fmt = str(getattr(data_cfg.format, "value", data_cfg.format))
+def detect_format(records: list[Record], data_cfg: DataConfig) -> str:
+    fmt = str(data_cfg.format)
     if fmt != "auto":
         return fmt
     columns = set().union(*(r.data.keys() for r in records[:100]))
-    if data_cfg.get("input_column") or data_cfg.get("output_column"):
+    if data_cfg.input_column or data_cfg.output_column:
         return "columns"
     if "messages" in columns:
         return "messages"
@@ -222,13 +216,13 @@ def detect_format(records: list[Record], data_cfg: DictConfig) -> str:
     )
 
 
-def required_columns(fmt: str, data_cfg: DictConfig) -> tuple[str, ...]:
+def required_columns(fmt: str, data_cfg: DataConfig) -> tuple[str, ...]:
     if fmt == "columns":
-        return (str(data_cfg.get("input_column") or "input"), str(data_cfg.get("output_column") or "output"))
+        return (str(data_cfg.input_column or "input"), str(data_cfg.output_column or "output"))
     return FORMAT_COLUMNS[fmt]
 
 
-def check_columns(records: list[Record], fmt: str, data_cfg: DictConfig) -> None:
+def check_columns(records: list[Record], fmt: str, data_cfg: DataConfig) -> None:
     """A column that no row has is a fatal error (a typo in the config or the wrong file)."""
     columns = set().union(*(r.data.keys() for r in records)) - {"__csv_error__"}
     missing = [c for c in required_columns(fmt, data_cfg) if c not in columns]
@@ -263,7 +257,7 @@ def _value(data: dict, column: str) -> Any:
     return data[column]
 
 
-def to_example(record: Record, fmt: str, task: Task, data_cfg: DictConfig) -> Example:
+def to_example(record: Record, fmt: str, task: Task, data_cfg: DataConfig) -> Example:
     """One record as an Example of the task, or BadExample saying what is wrong with it."""
     data = record.data
     if "__csv_error__" in data:

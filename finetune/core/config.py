@@ -1,8 +1,14 @@
-"""Structured configs: the schema every YAML file in conf/ is merged into.
+"""Structured configs: the schema every YAML file in conf/ is merged into, and composing it.
 
 Hydra validates overrides against these dataclasses, so `method.lrr=1e-4` or
 `method.name=qlorra` fails at start with the valid keys/values listed, not after an
 hour of training. One dataclass per config group; the group's YAML files fill it in.
+The pipeline converts the composed config once (`to_typed`) and every stage gets these
+dataclasses, with real types: `cfg.method.lr` is a float, `str(cfg.method.name)` is "qlora".
+
+Names that other layers own are plain strings here and checked against their registry when a
+run starts: `model.family` (finetune.models.families), `task.kind` (finetune.tasks) and
+`stages` (finetune.pipeline).
 """
 
 from __future__ import annotations
@@ -13,35 +19,22 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from finetune.core.errors import ConfigError
 
 
-class Stage(str, Enum):
-    data = "data"
-    train = "train"
-    merge = "merge"
-    gptq = "gptq"
-    gguf = "gguf"
-    ollama = "ollama"
-    evaluate = "evaluate"
+class StrEnum(str, Enum):
+    """An enum whose members print as their value: `str(MethodName.qlora) == f"{MethodName.qlora}" == "qlora"`."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
-# The order stages run in, whatever order `stages=[...]` lists them.
-STAGE_ORDER = [s.value for s in Stage]
-
-
-class Family(str, Enum):
-    """Chat-template family: decides the Ollama TEMPLATE and the family quirks."""
-
-    chatml = "chatml"  # SmolLM2, Qwen 2.5 (<|im_start|>role ... <|im_end|>)
-    phi3 = "phi3"  # <|user|> ... <|end|>
-    gemma = "gemma"  # Gemma 2 / Gemma 3 instruct: <start_of_turn>user ... <end_of_turn>, no system role
-    zephyr = "zephyr"  # TinyLlama chat: <|user|>\n ... </s>
-    llama3 = "llama3"  # <|start_header_id|>role<|end_header_id|> ... <|eot_id|>
-    plain = "plain"  # base models without a chat template: our own plain prompt format
-
-
-class ModelSource(str, Enum):
+class ModelSource(StrEnum):
     auto = "auto"  # path > local hub cache > packaged GGUF > hub download
     path = "path"
     hub = "hub"
@@ -63,7 +56,7 @@ class PackagedGGUF:
 class ModelConfig:
     name: str = MISSING  # registry key, e.g. smollm2
     hub_id: str = MISSING  # e.g. HuggingFaceTB/SmolLM2-135M-Instruct
-    family: Family = MISSING
+    family: str = MISSING  # chat-template family, a key of finetune.models.families.FAMILIES
     params: str = ""  # human size, e.g. 135M
     source: ModelSource = ModelSource.auto
     path: Optional[str] = None  # local HF directory or .gguf file
@@ -81,13 +74,7 @@ class ModelConfig:
     notes: str = ""
 
 
-class TaskKind(str, Enum):
-    extraction = "extraction"  # answer is JSON with named fields
-    classification = "classification"  # answer is one label of a fixed set
-    generation = "generation"  # free text (summaries, headlines), scored with ROUGE
-
-
-class DataFormat(str, Enum):
+class DataFormat(StrEnum):
     auto = "auto"
     prompt_completion = "prompt_completion"
     messages = "messages"
@@ -116,7 +103,7 @@ class DataConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    kind: TaskKind = MISSING
+    kind: str = MISSING  # a key of finetune.tasks.KINDS: extraction | classification | generation
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     system_prompt: str = ""
@@ -134,13 +121,13 @@ class TaskConfig:
     source: str = ""
 
 
-class MethodName(str, Enum):
+class MethodName(StrEnum):
     qlora = "qlora"
     lora = "lora"
     full = "full"
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     auto = "auto"  # bf16 on CUDA (and on CPUs with AVX512-BF16), else fp32
     bf16 = "bf16"
     fp16 = "fp16"
@@ -217,7 +204,7 @@ class ExportConfig:
     verify: bool = True  # load and run every artifact after writing it
 
 
-class TrackerName(str, Enum):
+class TrackerName(StrEnum):
     none = "none"
     wandb = "wandb"
     tensorboard = "tensorboard"
@@ -255,7 +242,7 @@ class Config:
     export: ExportConfig = MISSING
     tracking: TrackingConfig = MISSING
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    stages: List[Stage] = field(default_factory=lambda: list(Stage))
+    stages: List[str] = field(default_factory=lambda: ["all"])  # stage names (finetune.pipeline), or all
     run_dir: Optional[str] = None  # continue (or re-evaluate) an existing run directory
     resume: bool = True  # continue training from the last checkpoint in run_dir
     force: bool = False  # re-run stages already marked done in run_dir
@@ -268,6 +255,43 @@ def register_configs() -> None:
 
 
 # Where the YAML files live: the source checkout's conf/, or the copy packaged as finetune/conf.
-_SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
-CONF_DIR = _SOURCE_CONF if (_SOURCE_CONF / "config.yaml").is_file() else Path(__file__).resolve().parent / "conf"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = PROJECT_ROOT / "conf" if (PROJECT_ROOT / "conf" / "config.yaml").is_file() else PROJECT_ROOT / "finetune" / "conf"
+
+
+def to_typed(cfg: DictConfig) -> Config:
+    """The composed DictConfig as the `Config` dataclass tree (enums as enums, nested dataclasses)."""
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(obj: Any) -> dict:
+    """A config object (dataclass or DictConfig) as plain JSON-able data, enums as their values."""
+    node = obj if isinstance(obj, DictConfig) else OmegaConf.structured(obj)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+def compose_dict(overrides: list[str] | None = None) -> DictConfig:
+    """The config composed from conf/ with Hydra overrides, as `python -m finetune` composes it (untyped)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose("config", overrides=list(overrides or []))
+
+
+def compose(overrides: list[str] | None = None) -> Config:
+    """The typed config for these overrides: what every stage receives. For scripts and tests."""
+    return to_typed(compose_dict(overrides))
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def model_config(name: str) -> ModelConfig:
+    """A registry model's ModelConfig, from conf/model/NAME.yaml onto the schema."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no model {name!r} in {path.parent}; known: {', '.join(model_names())}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))

@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from finetune.pipeline import is_main_process
+from finetune.core.config import Config, to_dict
+from finetune.core.distributed import is_main_process
+from finetune.core.files import write_json_atomic
+from finetune.core.rundir import RunDir
 
 log = logging.getLogger("finetune")
 
@@ -48,10 +49,10 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def resume_checkpoint(cfg: DictConfig, run) -> Path | None:
+def resume_checkpoint(cfg: Config, run: RunDir) -> Path | None:
     """The checkpoint to continue from (resume=true), after checking the method did not change."""
     method_path = run.checkpoints_dir / "method.json"
-    method_now = OmegaConf.to_container(cfg.method, resolve=True, enum_to_str=True)
+    method_now = to_dict(cfg.method)
     if not cfg.resume:
         if run.checkpoints_dir.exists() and is_main_process():
             log.info("resume=false: removing old checkpoints in %s", run.checkpoints_dir)
@@ -68,11 +69,11 @@ def resume_checkpoint(cfg: DictConfig, run) -> Path | None:
                         "checkpoint; use resume=false or a new run_dir to start over", checkpoint, "; ".join(changed))
     if is_main_process():
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        method_path.write_text(json.dumps(method_now, indent=2))
+        write_json_atomic(method_path, method_now)
     return checkpoint
 
 
-def save_final(trainer: Any, run) -> None:
+def save_final(trainer: Any, run: RunDir) -> None:
     """Adapter (or full model) + tokenizer into a temporary folder, renamed into place when complete."""
     tmp, old = run.root / ".adapter.tmp", run.root / ".adapter.old"
     if trainer.is_world_process_zero():

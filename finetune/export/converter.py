@@ -1,4 +1,4 @@
-"""llama.cpp tooling: find (or fetch once) its HF -> GGUF converter, quantize GGUFs, open models.
+"""llama.cpp's export tools: find (or fetch once) its HF -> GGUF converter, and quantize GGUFs.
 
 The converter `convert_hf_to_gguf.py` must match the llama.cpp that runs the result, and it needs the
 `gguf-py` next to it (PyPI's `gguf` lags behind and fails with it). Both ship in the sdist of the
@@ -8,7 +8,6 @@ package and `gguf-py/gguf` into a cache directory, once.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib.metadata
 import logging
@@ -20,10 +19,11 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
-from finetune.export import ExportError
-from finetune.models import _file_lock, cache_root
+from finetune.core.cache import cache_root, file_lock
+from finetune.core.errors import ExportError
+from finetune.core.hardware import cpu_threads
+from finetune.runtimes.llamacpp import native_output
 
 log = logging.getLogger("finetune")
 
@@ -79,13 +79,13 @@ def converter_dir(version: str | None = None, fetch: bool = True) -> Path:
         return dest
     if not fetch:
         raise ExportError(f"llama.cpp's converter is not in {dest}; run scripts/fetch_llama_cpp_converter.py")
-    with _file_lock(dest.parent / f".llama.cpp-{version}.lock"):
+    with file_lock(dest.parent / f".llama.cpp-{version}.lock"):
         if not (dest / CONVERTER).is_file():
             fetch_converter(version, dest)
     return dest
 
 
-def _download_sdist(version: str, into: Path) -> Path:
+def download_sdist(version: str, into: Path) -> Path:
     """The llama-cpp-python sdist: $FINETUNE_LLAMA_CPP_SDIST if set, else `pip download` (no build)."""
     given = os.environ.get("FINETUNE_LLAMA_CPP_SDIST")
     if given:
@@ -107,7 +107,7 @@ def fetch_converter(version: str, dest: Path) -> Path:
     """Extract the converter and its gguf-py from the sdist into `dest`, atomically."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tmp-llama.cpp-", dir=dest.parent) as tmp:
-        sdist = _download_sdist(version, Path(tmp))
+        sdist = download_sdist(version, Path(tmp))
         out = Path(tmp) / "extract"
         with tarfile.open(sdist) as tar:
             members = []
@@ -167,65 +167,11 @@ def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int | None =
     ftype = getattr(llama_cpp, QUANT_TYPES[normalize_quant_type(quant_type)])
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = n_threads or default_threads()
+    params.nthread = n_threads or cpu_threads()
     start = time.perf_counter()
-    with _native_output() as captured:
+    with native_output() as captured:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
         raise ExportError(f"llama.cpp could not quantize {src.name} to {quant_type} (return code {rc}):\n"
                           f"{captured.get('text', '')[-3000:]}")
     return time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def _native_output() -> Iterator[dict]:
-    """Capture what C code writes to stdout/stderr (llama.cpp logs every tensor); shown only on failure."""
-    captured: dict = {}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            tmp.seek(0)
-            captured["text"] = tmp.read().decode("utf-8", "replace")
-
-
-def default_threads() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-@contextlib.contextmanager
-def open_gguf(path: Path, n_ctx: int = 2048, n_threads: int | None = None, vocab_only: bool = False,
-              **kwargs: Any) -> Iterator[Any]:
-    """A llama_cpp.Llama on `path`, closed on exit."""
-    from llama_cpp import Llama
-
-    try:
-        # A vocabulary-only load still makes llama.cpp warn about the (absent) training context.
-        with _native_output() if vocab_only else contextlib.nullcontext():
-            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
-                        vocab_only=vocab_only, verbose=False, **kwargs)
-    except Exception as exc:
-        raise ExportError(f"llama.cpp cannot load {path}: {type(exc).__name__}: {exc}") from exc
-    try:
-        yield llm
-    finally:
-        llm.close()
-
-
-def gguf_tokenize(llm: Any, text: str) -> list[int]:
-    """Token ids the way Ollama/llama.cpp tokenizes a rendered prompt: special tokens parsed, BOS added
-    when the GGUF asks for it."""
-    return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
-
-
-def gguf_adds_bos(llm: Any) -> bool:
-    return len(llm.tokenize(b"a", add_bos=True, special=False)) > len(llm.tokenize(b"a", add_bos=False))

@@ -1,0 +1,114 @@
+"""The rows of a run's split files (run.data_dir/{train,validation,test}.jsonl), as the data stage writes
+them and every later stage reads them, and their tokens under a model's chat template.
+
+    {"id", "prompt": [messages], "completion": [assistant message], "reference", "input", "source"}
+
+`tokenize_row` gives the input_ids/labels of one row with completion-only loss over exactly the
+answer tokens plus the end-of-turn token, for tests and cross-checks of TRL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from finetune.core.config import ModelConfig
+from finetune.core.errors import DataError
+from finetune.data.sources import Example
+from finetune.models.loading import adapt_messages
+from finetune.tasks import Task
+
+
+def render_row(task: Task, example: Example) -> dict:
+    prompt = example.prompt if example.prompt is not None else task.prompt_messages(example.input)
+    return {
+        "id": f"{task.name}-{example.index:06d}",
+        "prompt": prompt,
+        "completion": [{"role": "assistant", "content": task.answer_text(example.reference)}],
+        "reference": example.reference,
+        "input": example.input,
+        "source": f"{example.file}:{example.row}",
+    }
+
+
+def tokenize_row(row: dict, tokenizer: Any, model_cfg: ModelConfig, max_length: int | None = None) -> dict:
+    """input_ids and labels of one row; labels are -100 except the answer tokens + the end-of-turn token.
+
+    The prompt is rendered with add_generation_prompt=True, as at inference. Anything the template
+    writes after model_cfg.eos_token (ChatML's newline) is context, not trained.
+    """
+    prompt = adapt_messages(row["prompt"], model_cfg)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + list(row["completion"]), tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError(f"row {row.get('id')}: the chat template renders the prompt differently when an answer follows")
+    eos = model_cfg.eos_token
+    end = full_text.find(eos, len(prompt_text))
+    if end < 0:
+        raise ValueError(f"row {row.get('id')}: the chat template does not end the answer with {eos!r}")
+    end += len(eos)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt_ids, answer_end_ids, input_ids = ids(prompt_text), ids(full_text[:end]), ids(full_text)
+    if input_ids[: len(prompt_ids)] != prompt_ids or input_ids[: len(answer_end_ids)] != answer_end_ids:
+        raise ValueError(f"row {row.get('id')}: tokens merge across the prompt/answer boundary")
+    a, b = len(prompt_ids), len(answer_end_ids)
+    mask = [0] * a + [1] * (b - a) + [0] * (len(input_ids) - b)
+    labels = [t if m else -100 for t, m in zip(input_ids, mask)]
+    if max_length is not None:
+        input_ids, labels, mask = input_ids[:max_length], labels[:max_length], mask[:max_length]
+    return {"input_ids": input_ids, "labels": labels, "completion_mask": mask}
+
+
+def count_tokens(rows: list[dict], tokenizer: Any, model_cfg: ModelConfig) -> list[int]:
+    """Tokens of each whole row (prompt + answer) with the model's chat template."""
+    texts = [tokenizer.apply_chat_template(adapt_messages(r["prompt"], model_cfg) + list(r["completion"]), tokenize=False)
+             for r in rows]
+    if not texts:
+        return []
+    return [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+SPLIT_ROW = "{'id', 'prompt': [messages], 'completion': [assistant message], 'reference'}"
+
+
+def read_rows(path: Path, limit: int | None = None, required: tuple[str, ...] = ("prompt", "completion")) -> list[dict]:
+    """Rows of a split file written by the data stage (plain JSON: extraction references keep their keys).
+
+    A line that is not a JSON object, or lacks one of `required`, stops with DataError naming file:line."""
+    path = Path(path)
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not a JSON object: {exc}") from None
+            missing = [k for k in required if not isinstance(row, dict) or k not in row
+                       or (k in ("prompt", "completion") and not row[k])]
+            if missing:
+                got = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{path}:{lineno}: expected {SPLIT_ROW} (the data stage's prompt/completion "
+                                f"format); missing {missing}, got keys {got}")
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def load_split(path: Path, model_cfg: ModelConfig) -> list[dict]:
+    """Prompt/completion rows of one split, with the prompt adapted to the model family (e.g. no system role)."""
+    rows = []
+    for lineno, row in enumerate(read_rows(path), 1):
+        try:
+            clean = [[{"role": str(m["role"]), "content": str(m["content"])} for m in row[k]]
+                     for k in ("prompt", "completion")]
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{path}: row {lineno}: every message needs 'role' and 'content' ({exc!r})") from None
+        rows.append({"prompt": adapt_messages(clean[0], model_cfg), "completion": clean[1]})
+    return rows

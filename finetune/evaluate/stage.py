@@ -1,0 +1,293 @@
+"""Evaluate stage: every model of the run on the held-out test split, scored with the task's metric.
+
+Evaluated, each under one name in metrics.json and predictions/<name>.jsonl (finetune.evaluate.metrics):
+  base            the model before fine-tuning (optionally k-shot, so the comparison is fair)
+  finetuned       base + the trained adapter (or the full fine-tuned model)
+  merged, gptq    the exported Hugging Face checkpoints, through transformers
+  gguf-<QUANT>    every GGUF in the run, through llama.cpp (the runtime Ollama uses)
+  <registry name> comparison models from conf/model/ (evaluate.compare), zero/few-shot
+  specialist      the task's non-LLM baseline
+so the report shows what fine-tuning gained and what each quantization costs on the task itself.
+A failing artifact or comparison model is recorded with its error and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.core.config import Config, ModelConfig, model_config
+from finetune.core.errors import ConfigError, DataError
+from finetune.core.files import dir_size, write_json_atomic
+from finetune.core.hardware import cpu_threads, torch_threads
+from finetune.core.rundir import RunDir, quant_of
+from finetune.data.rows import read_rows
+from finetune.evaluate.metrics import score, write_predictions
+from finetune.evaluate.report import write_report
+from finetune.models.loading import (
+    device_for,
+    has_tokenizer,
+    load_model,
+    load_tokenizer,
+    render_prompt,
+    saved_tokenizer,
+)
+from finetune.runtimes.generation import Generation, Sampling
+from finetune.runtimes.llamacpp import generate_llama_cpp
+from finetune.runtimes.transformers import generate_transformers
+from finetune.tasks import Task, get_task
+from finetune.train.tracking import log_results
+
+log = logging.getLogger("finetune")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_rows(path: Path) -> list[dict]:
+    """Rows of a split file written by the data stage, with their references."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: run the data stage first (stages=[data,...]).")
+    return read_rows(path, required=("id", "prompt", "completion", "reference"))
+
+
+def with_shots(prompt: list[dict], shots: list[dict]) -> list[dict]:
+    """System message, then each shot as a user/assistant exchange, then the question."""
+    system = [m for m in prompt if m["role"] == "system"]
+    rest = [m for m in prompt if m["role"] != "system"]
+    examples = []
+    for shot in shots:
+        examples += [m for m in shot["prompt"] if m["role"] != "system"] + list(shot["completion"])
+    return system + examples + rest
+
+
+def pick_shots(train_rows: list[dict], k: int, seed: int) -> list[dict]:
+    if k <= 0:
+        return []
+    if len(train_rows) < k:
+        raise ConfigError(f"evaluate.base_few_shot={k} but the train split has {len(train_rows)} rows")
+    return random.Random(seed).sample(train_rows, k)
+
+
+def sampling_from(cfg: Config) -> Sampling:
+    return Sampling(max_new_tokens=cfg.task.max_new_tokens, do_sample=cfg.evaluate.do_sample,
+                    temperature=cfg.evaluate.temperature, top_p=cfg.evaluate.top_p,
+                    seed=cfg.method.seed)
+
+
+def gguf_name(path: Path, taken: set[str]) -> str:
+    """gguf-Q4_K_M for model-Q4_K_M.gguf; the file stem when no quant type shows; unique among `taken`."""
+    quant = quant_of(path) or path.stem
+    name, i = f"gguf-{quant}", 2
+    while name in taken:
+        name, i = f"gguf-{quant}-{i}", i + 1
+    return name
+
+
+def _hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# One evaluation: what every model shares, and each kind of model
+
+
+class Session:
+    """The rows, the task, the settings, and the results so far."""
+
+    def __init__(self, cfg: Config, run: RunDir, task: Task, rows: list[dict], train_rows: list[dict]):
+        import torch
+
+        self.cfg, self.run, self.task, self.rows, self.train_rows = cfg, run, task, rows, train_rows
+        self.sampling = sampling_from(cfg)
+        self.device = device_for(cfg.device)
+        cuda_bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
+        self.dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        self.models: dict[str, dict] = {}
+        self.predictions: dict[str, list[dict]] = {}
+
+    def shots(self) -> list[dict]:
+        return pick_shots(self.train_rows, self.cfg.evaluate.base_few_shot, self.cfg.method.seed)
+
+    def prompts(self, tokenizer: Any, model_cfg: ModelConfig, shots: list[dict]) -> list[str]:
+        return [render_prompt(tokenizer, with_shots(r["prompt"], shots), model_cfg) for r in self.rows]
+
+    def record(self, name: str, outputs: list[Generation], info: dict) -> None:
+        entry, predictions = score(self.task, self.rows, outputs, info)
+        self.models[name], self.predictions[name] = entry, predictions
+        log.info("[evaluate] %-16s %s=%s  %.2f s/example  %s tok/s", name, self.task.headline_metric,
+                 entry.get(self.task.headline_metric), entry["latency_s_mean"], entry["tokens_per_s"])
+
+    def guarded(self, name: str, info: dict, fn: Callable[[], None]) -> None:
+        """Artifacts and comparison models: a failure is reported in metrics.json, not fatal."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - recorded and shown in the report
+            log.exception("[evaluate] %s failed", name)
+            self.models[name] = {**info, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            gc.collect()
+
+    def transformers(self, name: str, model: Any, tokenizer: Any, model_cfg: ModelConfig, info: dict,
+                     shots: list[dict] = ()) -> None:
+        prompts = self.prompts(tokenizer, model_cfg, list(shots))
+        batch_size = self.cfg.evaluate.batch_size
+        outputs = generate_transformers(model, tokenizer, prompts, list(model_cfg.stop_tokens), self.sampling,
+                                        batch_size=batch_size)
+        self.record(name, outputs, {"runtime": "transformers", "few_shot": len(shots), "batch_size": batch_size,
+                                    **info})
+
+    def hf_checkpoint(self, name: str, path: Path, info: dict) -> None:
+        model_cfg = self.cfg.model
+        tokenizer = saved_tokenizer(model_cfg, path)
+        if name == "gptq":  # the dtype its quantization config asks for, as a GPTQ server loads it
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(path), device_map=self.device)
+        else:
+            model = load_model(model_cfg, path=str(path), dtype=self.dtype).to(self.device)
+        self.transformers(name, model, tokenizer, model_cfg, info)
+        del model
+
+    def gguf(self, name: str, path: Path, tokenizer: Any, info: dict) -> None:
+        model_cfg = self.cfg.model
+        prompts = self.prompts(tokenizer, model_cfg, [])
+        longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        n_ctx = -(-(longest + self.sampling.max_new_tokens + 16) // 256) * 256
+        outputs = generate_llama_cpp(path, prompts, list(model_cfg.stop_tokens), self.sampling, n_ctx=n_ctx,
+                                     n_threads=self.cfg.evaluate.n_threads, bos_token=tokenizer.bos_token)
+        self.record(name, outputs, {"runtime": "llama.cpp", "few_shot": 0, "n_ctx": n_ctx, **info})
+
+    def other_model(self, name: str) -> None:
+        """A registry model (evaluate.compare), zero/few-shot like the base model."""
+        other_cfg = model_config(name)
+        model = load_model(other_cfg, dtype=self.dtype).to(self.device)
+        self.transformers(name, model, load_tokenizer(other_cfg), other_cfg, {"source": name}, self.shots())
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def base_and_finetuned(s: Session) -> None:
+    """Base and adapter share one load of the base weights: PEFT wraps the model evaluated as base.
+    A QLoRA adapter is applied to the full-precision base, as the merge stage does."""
+    cfg, adapter = s.cfg, s.run.adapter_dir
+    has_adapter = (adapter / "adapter_config.json").is_file()
+    if cfg.evaluate.base or has_adapter:
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, dtype=s.dtype).to(s.device)
+        if cfg.evaluate.base:
+            s.transformers("base", model, tokenizer, cfg.model, {"source": cfg.model.name}, s.shots())
+        if has_adapter:
+            from peft import PeftModel
+
+            if has_tokenizer(adapter):
+                tokenizer = load_tokenizer(cfg.model, path=str(adapter))
+            # Folded into the weights in memory (fp32: logits within 1e-4 of the unmerged adapter): the same
+            # model, generated ~2x faster than through PEFT's extra LoRA matmuls in every layer.
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            s.transformers("finetuned", model, tokenizer, cfg.model, {"source": str(adapter)})
+        del model
+        gc.collect()
+    if not has_adapter and _hf_dir(adapter):  # method=full saves the whole model where the adapter would be
+        s.hf_checkpoint("finetuned", adapter, {"source": str(adapter)})
+
+
+def artifacts(s: Session) -> None:
+    """Every exported artifact in the runtime that serves it."""
+    run = s.run
+    for name, path in (("merged", run.merged_dir), ("gptq", run.gptq_dir)):
+        if _hf_dir(path):
+            info = {"source": str(path), "size_bytes": dir_size(path)}
+            s.guarded(name, info, functools.partial(s.hf_checkpoint, name, path, info))
+    ggufs = sorted(run.gguf_dir.glob("*.gguf")) if run.gguf_dir.is_dir() else []
+    if ggufs:
+        # The prompt text the Modelfile's TEMPLATE renders (export checks that the two agree).
+        tokenizer = saved_tokenizer(s.cfg.model, run.adapter_dir, run.merged_dir)
+        for path in ggufs:
+            name = gguf_name(path, set(s.models))
+            info = {"source": str(path), "size_bytes": path.stat().st_size}
+            s.guarded(name, info, functools.partial(s.gguf, name, path, tokenizer, info))
+
+
+def comparison_models(s: Session) -> None:
+    for other in s.cfg.evaluate.compare:
+        if other == s.cfg.model.name:
+            log.warning("[evaluate] evaluate.compare: %s is this run's base model; skipped", other)
+            continue
+        s.guarded(other, {"source": other}, functools.partial(s.other_model, other))
+
+
+def specialist(s: Session) -> None:
+    t0 = time.perf_counter()
+    outputs = s.task.specialist_baseline(s.train_rows, s.rows)
+    if outputs is None:
+        return
+    per = (time.perf_counter() - t0) / max(len(s.rows), 1)
+    s.record("specialist", [Generation(o, 0, per, stopped=True, batch=i) for i, o in enumerate(outputs)],
+             {"runtime": "python", "few_shot": 0})
+    s.models["specialist"].update(tokens_per_s=None, generated_tokens_mean=None, stopped_fraction=None)
+
+
+def evaluate(cfg: Config, run: RunDir) -> dict:
+    """Stage `evaluate`: see the module docstring. Writes metrics.json, predictions/, report.md, plots/."""
+    task = get_task(cfg.task)
+    rows = load_rows(run.split_path("test"))
+    if cfg.evaluate.max_examples:
+        rows = rows[: cfg.evaluate.max_examples]
+    if not rows:
+        raise DataError(f"{run.split_path('test')} has no rows to evaluate")
+    train_path = run.split_path("train")
+    s = Session(cfg, run, task, rows, load_rows(train_path) if train_path.is_file() else [])
+    log.info("[evaluate] %d test examples, max_new_tokens=%d, %s", len(rows), s.sampling.max_new_tokens,
+             "sampling" if s.sampling.do_sample else "greedy")
+    with torch_threads(cfg.evaluate.n_threads):
+        base_and_finetuned(s)
+        if cfg.evaluate.artifacts:
+            artifacts(s)
+        comparison_models(s)
+        if cfg.evaluate.specialist:
+            specialist(s)
+    return write_results(s)
+
+
+def write_results(s: Session) -> dict:
+    cfg, run, task = s.cfg, s.run, s.task
+    metrics = {
+        "task": cfg.task.name,
+        "task_kind": str(cfg.task.kind),
+        "headline_metric": task.headline_metric,
+        "model": cfg.model.name,
+        "method": str(cfg.method.name),
+        "n": len(s.rows),
+        "generation": {
+            "max_new_tokens": s.sampling.max_new_tokens,
+            "do_sample": s.sampling.do_sample,
+            **({"temperature": s.sampling.temperature, "top_p": s.sampling.top_p} if s.sampling.do_sample else {}),
+            "device": s.device,
+            "threads": int(cfg.evaluate.n_threads or cpu_threads()),
+        },
+        "models": s.models,
+    }
+    run.predictions_dir.mkdir(parents=True, exist_ok=True)
+    for old in run.predictions_dir.glob("*.jsonl"):  # evaluate describes the run as it is now
+        old.unlink()
+    prediction_files = {name: str(write_predictions(run, name, p)) for name, p in s.predictions.items()}
+    write_json_atomic(run.metrics_path, metrics)
+    report_files = write_report(cfg, run, metrics)
+    exported = {n: e["source"] for n, e in s.models.items() if "size_bytes" in e}
+    if run.adapter_dir.is_dir():
+        exported["adapter"] = str(run.adapter_dir)
+    log_results(cfg, run, metrics, s.predictions, {**exported, **prediction_files, **report_files})
+    return {
+        "n": len(s.rows),
+        "headline_metric": task.headline_metric,
+        "results": {k: v.get(task.headline_metric, v.get("error")) for k, v in s.models.items()},
+    }

@@ -1,0 +1,36 @@
+"""What both runtimes share: the settings of a generation, its result, and the BOS rule.
+
+Both runtimes (finetune.runtimes.transformers, finetune.runtimes.llamacpp) stop on the model's
+end-of-turn tokens and count only the tokens generated before the stop, so tokens/s compare across them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Generation:
+    text: str  # decoded answer, up to (not including) the stop token
+    n_tokens: int  # tokens generated before the stop
+    latency_s: float  # wall time until this answer was available (its whole batch, when batched)
+    stopped: bool  # ended on a stop token (False: cut at max_new_tokens)
+    batch: int = 0  # answers generated together share one latency
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 42
+
+
+def adds_bos(bos_token: str | None, prompt: str) -> bool:
+    """Let the tokenizer add its special tokens only when the chat template did not write BOS itself.
+
+    Templates such as Llama 3's and Gemma's render the BOS text; tokenizing that with special tokens
+    on would start the prompt with two BOS tokens. Both runtimes use this rule.
+    """
+    return not (bos_token and prompt.startswith(bos_token))

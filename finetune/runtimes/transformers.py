@@ -1,0 +1,73 @@
+"""Generation and stop tokens in transformers: base, adapter, merged and GPTQ models, batched."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from finetune.runtimes.generation import Generation, Sampling, adds_bos
+
+
+def stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> list[int]:
+    """Ids of the model's end-of-turn tokens; an unknown token is a config error, not a silent no-stop."""
+    ids = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for token in stop_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (token_id == unk and token != tokenizer.unk_token):
+            raise ValueError(f"stop token {token!r} (model.stop_tokens) is not in the tokenizer's vocabulary")
+        ids.append(int(token_id))
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def generate_transformers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    stop_tokens: list[str],
+    sampling: Sampling,
+    batch_size: int = 16,
+) -> list[Generation]:
+    """Batched generation with left padding; prompts are length-sorted to waste little on padding."""
+    import torch
+    from transformers import GenerationConfig
+
+    stop_ids = stop_token_ids(tokenizer, stop_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    gen_cfg = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        **({"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0} if sampling.do_sample else {}),
+    )
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    add_special = adds_bos(tokenizer.bos_token, prompts[0]) if prompts else True
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    if sampling.do_sample:
+        torch.manual_seed(sampling.seed)
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = tokenizer(
+                [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special
+            ).to(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**batch, generation_config=gen_cfg)
+            latency = time.perf_counter() - t0
+            new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
+            for i, tokens in zip(idx, new_tokens):
+                end = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
+                kept = tokens if end is None else tokens[:end]
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                results[i] = Generation(text, len(kept), latency, stopped=end is not None, batch=start)
+    finally:
+        tokenizer.padding_side = padding_side
+    return results  # type: ignore[return-value]
