@@ -40,6 +40,22 @@ def compute_dtype(precision: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
+def keep_4bit_layout_for_training(model: Any) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights during evaluation on CPUs with AVX512-BF16.
+
+    On such CPUs, the first forward of a Linear4bit in eval mode without gradients converts its weight, for
+    good, into a packed CPU layout whose matmuls differ from the unpacked ones in the last bits. A run that
+    evaluated at step 2 then trained steps 3.. on packed weights, and the same run resumed from step 2's
+    checkpoint trained them on unpacked ones: adapters 2e-4 apart (measured; without evaluation, or on CPUs
+    without AVX512-BF16, resume is bit-identical). Training keeps one layout; returns the layers changed."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
     """The base model (4-bit for qlora) and the PEFT LoraConfig (None for method=full)."""
     import torch
@@ -74,6 +90,8 @@ def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=method.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        if device == "cpu":
+            keep_4bit_layout_for_training(model)
     else:
         # LoRA on CUDA keeps the frozen base in bf16/fp16; full fine-tuning keeps fp32 master weights
         # (the trainer autocasts), as does everything on CPU.
