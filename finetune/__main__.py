@@ -4,6 +4,7 @@ The only place that turns the library's typed errors (finetune.core.errors) into
 and an exit code.
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -24,15 +25,35 @@ def report(exc: FinetuneError) -> int:
     return exc.exit_code
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every `finally` and staged write cleans up."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+INTERRUPTED = ("the stage in flight was not marked done and its unfinished files were removed; run the same "
+               "command again (with run_dir=...) to continue: finished stages are reused, training resumes from "
+               "its last checkpoint")
+
+
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     from finetune.pipeline import run_pipeline
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Raised inside Hydra's task function: SystemExit passes through Hydra's error handler untouched.
     try:
         run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
     except FinetuneError as exc:
-        # Raised inside Hydra's task function: SystemExit passes through Hydra's error handler untouched.
         sys.exit(report(exc))
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C): {INTERRUPTED}", file=sys.stderr)
+        sys.exit(130)
+    except Terminated:
+        print(f"terminated (SIGTERM): {INTERRUPTED}", file=sys.stderr)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

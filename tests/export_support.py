@@ -196,7 +196,7 @@ def llama_cpp_vocab(name: str) -> Path:
 
 def _vocab_gguf(name: str) -> Path:
     """A vocabulary GGUF: one of llama.cpp's or, for "package:<model>", a packaged registry model's GGUF."""
-    from finetune.models.loading import packaged_gguf_path
+    from finetune.models.gguf_source import packaged_gguf_path
 
     if name.startswith("package:"):
         return packaged_gguf_path(compose([f"model={name.split(':', 1)[1]}"]).model)

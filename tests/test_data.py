@@ -251,9 +251,24 @@ def test_missing_column_is_fatal(tmp_path):
 
 def test_no_usable_rows_is_fatal(tmp_path):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"input": "", "output": "x"}, {"input": "  ", "output": "y"}])
-    msg = error_of(custom(path), tmp_path)
-    assert "no usable rows (empty: 2" in msg and f"{path}:1: empty input" in msg
+    msg = error_of(custom(path, "task.data.on_error=drop"), tmp_path)
+    assert "no usable rows of 2 (empty: 2)" in msg and f"{path}:1: empty input" in msg
     assert "no such file" in error_of(custom(tmp_path / "nope.jsonl"), tmp_path)
+    empty = tmp_path / "nothing.jsonl"
+    empty.write_text("")
+    assert error_of(custom(empty), tmp_path) == f"{empty}: 0 rows (the file is empty)"
+
+
+def test_bad_rows_stop_the_stage_by_default_each_with_file_and_line(tmp_path):
+    rows = [{"input": f"message {i}", "output": "ham" if i % 3 else "spam"} for i in range(30)]
+    rows[3] = {"input": "odd", "output": "Spam"}  # a label written differently is not silently dropped
+    rows[9] = {"output": "spam"}
+    path = write_jsonl(tmp_path / "sms.jsonl", rows)
+    msg = error_of(custom(path, "task.kind=classification", "task.labels=[ham,spam]"), tmp_path)
+    assert "2 row(s) the task custom cannot use (task.data.on_error=stop)" in msg
+    assert f"{path}:4: label 'Spam' is not in the task's labels ['ham', 'spam'] (label_not_in_set)" in msg
+    assert f"{path}:10: no value for 'input' (missing_field)" in msg and "task.data.on_error=drop" in msg
+    assert not (tmp_path / "run" / "data").exists()
 
 
 def test_hub_dataset_offline_is_a_clear_error(tmp_path):
@@ -268,8 +283,8 @@ def test_bad_rows_are_counted_with_file_and_row(tmp_path, tokenizer):
     rows[7] = {"input": "", "output": "ham"}
     rows[9] = {"output": "spam"}
     path = write_jsonl(tmp_path / "sms.jsonl", rows)
-    summary, _, report = run_prepare(custom(path, "task.kind=classification", "task.labels=[ham,spam]"),
-                                     tmp_path, tokenizer)
+    summary, _, report = run_prepare(custom(path, "task.kind=classification", "task.labels=[ham,spam]",
+                                            "task.data.on_error=drop"), tmp_path, tokenizer)
     assert report["problems"] == {"label_not_in_set": 1, "wrong_type": 1, "empty": 1, "missing_field": 1}
     where = {i["kind"]: (i["file"], i["row"]) for i in report["issues"]}
     assert where == {"label_not_in_set": (str(path), 4), "wrong_type": (str(path), 6), "empty": (str(path), 8),
@@ -285,7 +300,8 @@ def test_bad_extraction_answers_are_counted(tmp_path, tokenizer):
                     '"4 Pine\nSt","{""AddressNumber"": ""4""}"\n'
                     '5 Fir St,"{""AddressNumber"": ""5""}",extra\n'
                     + "".join(f'{i} Ash St,"{{""AddressNumber"": ""{i}""}}"\n' for i in range(6, 16)))
-    _, _, report = run_prepare(["task=extraction", f"task.data.path={path}"], tmp_path, tokenizer)
+    _, _, report = run_prepare(["task=extraction", f"task.data.path={path}", "task.data.on_error=drop"], tmp_path,
+                               tokenizer)
     assert report["problems"] == {"invalid_json": 1, "unknown_keys": 1, "malformed_row": 1}
     where = {i["kind"]: i["row"] for i in report["issues"]}
     assert where == {"invalid_json": 3, "unknown_keys": 4, "malformed_row": 7}  # the quoted newline spans 5-6

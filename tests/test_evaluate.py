@@ -17,7 +17,8 @@ from finetune.core.hardware import torch_threads
 from finetune.core.rundir import RunDir
 from finetune.evaluate import stage as ev
 from finetune.evaluate.report import parse_results_table
-from finetune.models.loading import load_model, load_tokenizer, packaged_gguf_path, render_prompt
+from finetune.models.gguf_source import packaged_gguf_path
+from finetune.models.loading import load_model, load_tokenizer, render_prompt
 from finetune.runtimes.generation import Sampling, adds_bos
 from finetune.runtimes.llamacpp import prompt_tokens
 from finetune.runtimes.transformers import generate_transformers

@@ -107,9 +107,34 @@ def test_modelfiles_render_like_hf_and_stop(smol, modelfiles):
         checks = modelfiles["modelfiles"][quant]["verify"]
         assert {c["conversation"] for c in checks["conversations"]} >= {"task prompt", "no system prompt",
                                                                       "several turns", "awkward characters"}
-        assert checks["stop_check"]["stopped_by"], checks["stop_check"]
+        # The mechanism, not how well 4 steps trained: the answer ended on a stop, or ran to the token limit
+        # without running into a new turn (check_stops raises if it had); stopping itself is tested below.
+        stop_check = checks["stop_check"]
+        assert stop_check["stopped_by"] or stop_check["tokens"] >= max(2 * cfg.task.max_new_tokens, 64), stop_check
         assert "ollama create smollm2-extraction:" in modelfiles["modelfiles"][quant]["create_command"]
     _no_temp_left(run.root)
+
+
+def test_generation_stops_like_ollama(smol, ggufs):
+    """Stopping, as the Modelfile's stop list makes Ollama stop, on the exported GGUF: at the end-of-turn token
+    (an end-of-generation token of the GGUF) and at a stop string, whatever the model happens to answer."""
+    import llama_cpp
+
+    from finetune.runtimes.llamacpp import generate_like_ollama, open_gguf, served_tokens
+
+    cfg, run = smol
+    with open_gguf(run.gguf_path(cfg.model.name, cfg.task.name, "Q8_0"), n_ctx=512, n_threads=1) as llm:
+        eot = llm.tokenize(cfg.model.eos_token.encode(), add_bos=False, special=True)
+        assert len(eot) == 1 and llama_cpp.llama_vocab_is_eog(llm._model.vocab, eot[0])
+        # An assistant turn begun mid-sentence: any model goes on for a few tokens.
+        ids = served_tokens(llm, "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n"
+                                 "Once upon a time, in a small village by the sea, there")
+        free = generate_like_ollama(llm, ids, [], 16)
+        text = free["answer"]
+        assert len(text.strip()) >= 3, free
+        stop = text.strip()[-3:]
+        cut = generate_like_ollama(llm, ids, [stop], 16)
+        assert cut["stopped_by"] == f"stop {stop!r}" and stop in cut["answer"] and cut["tokens"] <= free["tokens"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,

@@ -11,7 +11,8 @@ import pytest
 
 from finetune.core.config import compose
 from finetune.models.gguf_vocab import read_gguf_vocab, sentencepiece_model, tokenizer_model, write_sentencepiece_model
-from finetune.models.loading import load_tokenizer, packaged_gguf_path
+from finetune.models.gguf_source import packaged_gguf_path
+from finetune.models.loading import load_tokenizer
 from finetune.runtimes.llamacpp import open_gguf
 
 sys.path.insert(0, str(Path(__file__).parent))

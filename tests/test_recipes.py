@@ -112,7 +112,8 @@ def test_recipe_task_kind(monkeypatch, tmp_path):
     rows = [{"input": f"{a} + {a + 1}", "output": str(2 * a + 1)} for a in range(30)] + [
         {"input": "one + two", "output": "three"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = compose(["task=custom", "task.kind=number", f"task.data.path={data}", "task.system_prompt=Add."])
+    cfg = compose(["task=custom", "task.kind=number", f"task.data.path={data}", "task.system_prompt=Add.",
+                   "task.data.on_error=drop"])
     pipeline.check_config(cfg)
     task, _, rendered, usable = split_task_data(cfg.task)
     assert isinstance(task, NumberTask) and usable == 30  # the row whose answer is not a number is dropped

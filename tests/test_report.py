@@ -83,8 +83,8 @@ def test_compare_prints_every_run(cli_run, tmp_path, capsys):
     assert "specialist" in out[0] and head in out[2]
     assert out[2].startswith(f"| {cli_run.root}") and out[3].startswith(f"| {other.root}")
     assert "| 2 " in out[3]  # n of the capped run
-    with pytest.raises(RunDirError, match="evaluate the run first"):
-        compare_main([str(tmp_path / "missing")])
+    assert compare_main([str(tmp_path / "missing")]) == RunDirError.exit_code
+    assert "evaluate the run first" in capsys.readouterr().err
     # The console script pyproject.toml installs runs the same function.
     script = Path(sys.executable).parent / "finetune-compare"
     if not script.exists():

@@ -236,6 +236,21 @@ def test_lora_and_full_fine_tuning(tmp_path, method):
 
 
 @pytest.mark.slow
+def test_forced_bf16_autocast_trains_on_any_cpu(tmp_path):
+    """The path users with AVX512-BF16 CPUs get by default (precision=auto), run on every CPU: bf16 autocast,
+    LoRA weights kept fp32, a finite loss and adapter."""
+    from safetensors.torch import load_file
+
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.max_steps=2", "method.precision=bf16",
+                                   "method.eval_steps=0"])
+    summary = train(cfg, run)
+    assert summary["precision"] == "bf16" and summary["global_step"] == 2
+    assert summary["train_loss"] is not None and summary["train_loss"] > 0
+    weights = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
 def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path):
     # lr=0: the eval loss never improves, so patience 1 stops at the second evaluation.
     cfg, run = tiny_run(tmp_path, ["method=lora", "method.lr=0", "method.max_steps=20",

@@ -13,6 +13,7 @@ run starts: `model.family` (finetune.models.families), `task.kind` (finetune.tas
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -74,6 +75,11 @@ class ModelConfig:
     notes: str = ""
 
 
+class OnError(StrEnum):
+    stop = "stop"
+    drop = "drop"
+
+
 class DataFormat(StrEnum):
     auto = "auto"
     prompt_completion = "prompt_completion"
@@ -98,6 +104,10 @@ class DataConfig:
     split_seed: int = 1234
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None  # caps validation and test (CPU runs)
+    # A row the task cannot use (missing field, label outside the label set, answer that is not the JSON
+    # asked for, ...): stop = fail before any training, listing every such row with file:line;
+    # drop = leave it out, count it in data/validation_report.json and go on.
+    on_error: OnError = OnError.stop
 
 
 @dataclass
@@ -252,6 +262,9 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+    # ${process_id:} in the default run_dir: two runs started in the same second get different folders.
+    if not OmegaConf.has_resolver("process_id"):
+        OmegaConf.register_new_resolver("process_id", lambda: str(os.getpid()), use_cache=True)
 
 
 # Where the YAML files live: the source checkout's conf/, or the copy packaged as finetune/conf.
@@ -295,3 +308,48 @@ def model_config(name: str) -> ModelConfig:
     if not path.is_file():
         raise ConfigError(f"no model {name!r} in {path.parent}; known: {', '.join(model_names())}")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+
+
+def value_problems(cfg: Config) -> list[str]:
+    """Every config value outside its valid range, each with the range (checked before any stage runs)."""
+    m, d, ev, ex = cfg.method, cfg.task.data, cfg.evaluate, cfg.export
+    checks = [
+        (m.max_steps >= 1 or m.max_steps == -1, f"method.max_steps={m.max_steps}: must be >= 1, or -1 (use epochs)"),
+        (m.max_steps != -1 or m.epochs > 0, f"method.epochs={m.epochs}: must be > 0 when method.max_steps=-1"),
+        (m.lr > 0, f"method.lr={m.lr}: must be > 0 (typical LoRA: 1e-4 to 1e-3)"),
+        (m.batch_size >= 1, f"method.batch_size={m.batch_size}: must be >= 1"),
+        (m.grad_accum >= 1, f"method.grad_accum={m.grad_accum}: must be >= 1"),
+        (m.max_length >= 16, f"method.max_length={m.max_length}: must be >= 16 tokens"),
+        (str(m.name) == "full" or m.lora_r >= 1, f"method.lora_r={m.lora_r}: must be >= 1"),
+        (str(m.name) == "full" or m.lora_alpha > 0, f"method.lora_alpha={m.lora_alpha}: must be > 0"),
+        (0 <= m.lora_dropout < 1, f"method.lora_dropout={m.lora_dropout}: must be in [0, 1)"),
+        (0 <= m.warmup_ratio < 1, f"method.warmup_ratio={m.warmup_ratio}: must be in [0, 1)"),
+        (m.weight_decay >= 0, f"method.weight_decay={m.weight_decay}: must be >= 0"),
+        (m.max_grad_norm > 0, f"method.max_grad_norm={m.max_grad_norm}: must be > 0"),
+        (m.eval_steps >= 0, f"method.eval_steps={m.eval_steps}: must be >= 0 (0: no evaluation loss)"),
+        (m.save_steps >= 1, f"method.save_steps={m.save_steps}: must be >= 1"),
+        (m.logging_steps >= 1, f"method.logging_steps={m.logging_steps}: must be >= 1"),
+        (m.eval_examples is None or m.eval_examples >= 1, f"method.eval_examples={m.eval_examples}: must be >= 1"),
+        (0 <= d.validation_fraction < 1, f"task.data.validation_fraction={d.validation_fraction}: must be in [0, 1)"),
+        (0 <= d.test_fraction < 1, f"task.data.test_fraction={d.test_fraction}: must be in [0, 1)"),
+        (d.validation_fraction + d.test_fraction < 1,
+         f"task.data.validation_fraction + test_fraction = {d.validation_fraction + d.test_fraction}: must be < 1"),
+        (d.max_train_examples is None or d.max_train_examples >= 1,
+         f"task.data.max_train_examples={d.max_train_examples}: must be >= 1"),
+        (d.max_eval_examples is None or d.max_eval_examples >= 1,
+         f"task.data.max_eval_examples={d.max_eval_examples}: must be >= 1"),
+        (cfg.task.max_new_tokens >= 1, f"task.max_new_tokens={cfg.task.max_new_tokens}: must be >= 1"),
+        (ev.max_examples is None or ev.max_examples >= 1, f"evaluate.max_examples={ev.max_examples}: must be >= 1"),
+        (ev.batch_size >= 1, f"evaluate.batch_size={ev.batch_size}: must be >= 1"),
+        (ev.base_few_shot >= 0, f"evaluate.base_few_shot={ev.base_few_shot}: must be >= 0"),
+        (not ev.do_sample or ev.temperature > 0, f"evaluate.temperature={ev.temperature}: must be > 0"),
+        (0 < ev.top_p <= 1, f"evaluate.top_p={ev.top_p}: must be in (0, 1]"),
+        (ev.n_threads is None or ev.n_threads >= 1, f"evaluate.n_threads={ev.n_threads}: must be >= 1"),
+        (ex.gptq is None or ex.gptq.bits in (2, 3, 4, 8), "export.gptq.bits: must be 2, 3, 4 or 8"),
+        (ex.gptq is None or ex.gptq.calibration_samples >= 1, "export.gptq.calibration_samples: must be >= 1"),
+        (ex.ollama is None or ex.ollama.num_ctx >= 1, "export.ollama.num_ctx: must be >= 1"),
+        (ex.merge or (ex.gptq is None and ex.gguf is None),
+         "export.merge=false, but GPTQ and GGUF are made from the merged model: set export.merge=true"),
+        (ex.ollama is None or ex.gguf is not None, "export.ollama needs export.gguf (a Modelfile points at a GGUF)"),
+    ]
+    return [message for ok, message in checks if not ok]

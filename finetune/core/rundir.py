@@ -11,14 +11,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
 import re
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from finetune.core.files import write_json_atomic
+from finetune.core.errors import RunDirError
+from finetune.core.files import TMP_PREFIX, write_json_atomic
+
+log = logging.getLogger("finetune")
 
 SPLITS = ("train", "validation", "test")
+LOCK_NAME = ".lock"
+# What Hydra writes into the run directory before our code runs (its config copy and the log).
+HYDRA_ENTRIES = (".hydra",)
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,10 @@ class RunDir:
 
     # ---- stage markers
     @property
+    def this_run_path(self) -> Path:  # what the latest invocation ran, reused or invalidated
+        return self.root / "this_run.json"
+
+    @property
     def stages_dir(self) -> Path:
         return self.root / "stages"
 
@@ -129,6 +146,91 @@ class RunDir:
 
     def clear(self, stage: str) -> None:
         self.stage_marker(stage).unlink(missing_ok=True)
+
+    # ---- ownership
+    def is_run_dir(self) -> bool:
+        """A folder this program made: it has run.json, or markers of finished stages."""
+        return self.run_json.is_file() or (self.stages_dir.is_dir() and any(self.stages_dir.glob("*.json")))
+
+    def foreign_entries(self) -> list[str]:
+        """What the folder holds that neither Hydra nor a run wrote: a reason to refuse it as a run directory."""
+        if not self.root.is_dir():
+            return []
+        own = {*HYDRA_ENTRIES, LOCK_NAME}
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.name not in own and not p.name.endswith(".log") and not p.name.startswith(TMP_PREFIX))
+
+    def check_adoptable(self) -> None:
+        """Refuse a folder that is not a run directory and holds anything of its own: we never write into,
+        or delete from, a user's folder."""
+        foreign = self.foreign_entries()
+        if foreign and not self.is_run_dir():
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise RunDirError(f"{self.root} is not a run directory (no run.json, no stages/) and is not empty "
+                              f"({shown}); refusing to use it, so nothing in it is overwritten or deleted. "
+                              f"Pass a new run_dir, or leave run_dir unset for a fresh one.")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for this process: a second run on it fails at once, naming the holder.
+
+        flock is released by the kernel when its process ends, however it ends; the PID written into the
+        lock file only says who holds it, and whether an earlier holder ended without cleaning up."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_NAME
+        fh = open(path, "a+")
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise RunDirError(f"run directory {self.root} is in use by {holder}; wait for that run to end, "
+                                  f"or use another run_dir") from None
+            fh.seek(0)
+            before = fh.read().strip()
+            pid = _pid_in(before)
+            if pid is not None and pid != os.getpid() and not _alive(pid):
+                log.warning("run directory %s: the previous run (%s) ended without releasing it (killed?); "
+                            "its finished stages are checked before they are reused", self.root, before)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fh.flush()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        finally:
+            fh.close()
+
+
+def ollama_model_name(model: str, task: str, quant: str) -> str:
+    """The name `ollama create` gets for a run's GGUF: <model>-<task>:<quant>, lower case."""
+    return f"{model}-{task}:{quant}".lower()
+
+
+def comment_safe(text: str) -> str:
+    """`text` on one line with only printable characters: safe inside a '#' comment of a Modelfile."""
+    return "".join(c if c.isprintable() else " " for c in str(text))
+
+
+def _pid_in(text: str) -> int | None:
+    match = re.match(r"pid (\d+)", text)
+    return int(match.group(1)) if match else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _QUANT = re.compile(r"(?i)(i?q\d\w*|bf16|f16|f32)")

@@ -71,11 +71,12 @@ class Report:
 # ---- loading ---------------------------------------------------------------------------------
 
 
-def _read_sources(data_cfg: DataConfig, task_name: str) -> dict[str, list[list[Record]]]:
-    """{"pool": files to split, "validation"/"test": explicit files}, each a list of files' records."""
+def _read_sources(data_cfg: DataConfig, task_name: str) -> dict[str, list[tuple[str, list[Record]]]]:
+    """{"pool": files to split, "validation"/"test": explicit files}, each a list of (file, its records)."""
     if data_cfg.hub_dataset:
         hub = load_hub(data_cfg)
-        return {"pool" if split == "train" else split: [records] for split, records in hub.items()}
+        return {"pool" if split == "train" else split: [(f"{data_cfg.hub_dataset}[{split}]", records)]
+                for split, records in hub.items()}
     explicit = {s: getattr(data_cfg, f"{s}_path") for s in SPLITS}
     if data_cfg.path and explicit["train"]:
         raise DataError("set task.data.path (split automatically) or task.data.train_path, not both")
@@ -96,17 +97,23 @@ def _read_sources(data_cfg: DataConfig, task_name: str) -> dict[str, list[list[R
     for split in ("validation", "test"):
         if explicit[split]:
             paths[split] = data_files(resolve_path(explicit[split], f"task.data.{split}_path"))
-    return {key: [read_records(p) for p in files] for key, files in paths.items()}
+    return {key: [(str(p), read_records(p)) for p in files] for key, files in paths.items()}
+
+
+MAX_BAD_ROWS_LISTED = 200
 
 
 def load_task_data(cfg_task: TaskConfig, task: Task, report: Report) -> dict[str, list[Example]]:
-    """Usable examples per source ("pool", and explicit "validation"/"test"); bad rows go to the report."""
+    """Usable examples per source ("pool", and explicit "validation"/"test"). A row the task cannot use
+    stops the stage (task.data.on_error=stop, listing every such row) or is dropped and counted (drop)."""
+    stop = str(cfg_task.data.on_error) == "stop"
     sources = _read_sources(cfg_task.data, task.name)
     out: dict[str, list[Example]] = {}
+    bad: list[str] = []
     index = 0
     for key, files in sources.items():
         examples = []
-        for records in files:
+        for _, records in files:
             if not records:
                 continue
             fmt = detect_format(records, cfg_task.data)
@@ -115,15 +122,25 @@ def load_task_data(cfg_task: TaskConfig, task: Task, report: Report) -> dict[str
                 try:
                     example = to_example(record, fmt, task, cfg_task.data)
                 except BadExample as exc:
-                    report.add(exc.kind, record.file, record.row, str(exc), "dropped")
+                    report.add(exc.kind, record.file, record.row, str(exc), "stopped" if stop else "dropped")
+                    bad.append(f"  {record.file}:{record.row}: {exc} ({exc.kind})")
                     continue
                 example.index = index
                 index += 1
                 examples.append(example)
-        names = ", ".join(sorted({r.file for records in files for r in records[:1]})) or "the data"
+        names = ", ".join(name for name, _ in files) or "the data"
+        if stop and bad:
+            listed = bad[:MAX_BAD_ROWS_LISTED] + ([f"  ... {len(bad) - MAX_BAD_ROWS_LISTED} more"]
+                                                 if len(bad) > MAX_BAD_ROWS_LISTED else [])
+            raise DataError(f"{names}: {len(bad)} row(s) the task {task.name} cannot use "
+                            f"(task.data.on_error=stop):\n" + "\n".join(listed) + "\nFix them, or set "
+                            "task.data.on_error=drop to leave them out (counted in data/validation_report.json).")
         if not examples:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())) or "no rows"
-            raise DataError(f"{names}: no usable rows ({reasons}; see the first ones below)\n" + "\n".join(
+            rows = sum(len(records) for _, records in files)
+            if not rows:
+                raise DataError(f"{names}: 0 rows (the file is empty)")
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items()))
+            raise DataError(f"{names}: no usable rows of {rows} ({reasons}); the first ones:\n" + "\n".join(
                 f"  {i['file']}:{i['row']}: {i['message']}" for i in report.issues[:5]))
         out[key] = examples
     return out
@@ -278,6 +295,7 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
         "dropped": {k: v for k, v in report.counts.items() if not k.startswith("too_long_test")},
         "warnings": warnings,
         "length_check": length_check,
+        "input_files": report_json["files"],  # fingerprinted by the pipeline: a changed file re-runs the stage
     }
 
 

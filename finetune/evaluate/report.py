@@ -228,6 +228,11 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
         lines += ["", f"![loss curve]({loss_png.relative_to(run.root)})"]
     lines.append("")
 
+    stages = (read_json(run.this_run_path) or {}).get("stages", {})
+    if stages:
+        lines += ["## Stages of this invocation", ""] + [f"- {name}: {what}" for name, what in stages.items()] + [
+            "", "A reused stage's inputs (config values, upstream outputs, data files) and outputs were checked "
+            "against the fingerprints recorded when it finished.", ""]
     lines += ["## Exported files", ""]
     exported = exported_files(run)
     lines += (md_table(["file", "size", "contents"], exported) if exported else ["Nothing exported in this run."]) + [""]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from finetune.core.config import Config
-from finetune.core.rundir import SPLITS, RunDir
+from finetune.core.rundir import SPLITS, RunDir, ollama_model_name
 
 
 def _count_rows(path: Path) -> int | None:
@@ -39,7 +40,8 @@ def model_card(cfg: Config, run: RunDir, merge_info: dict) -> str:
     train = run.stage_summary("train") if run.is_done("train") else {}
     lora = "" if method == "full" else f", LoRA r={meth.lora_r} alpha={meth.lora_alpha}"
     steps = train.get("global_step", meth.max_steps if meth.max_steps > 0 else f"{meth.epochs} epoch(s)")
-    quant = (cfg.export.gguf.quant_types[0] if cfg.export.gguf and cfg.export.gguf.quant_types else "Q4_K_M")
+    quant = (cfg.export.gguf.quant_types[0] if cfg.export.gguf and cfg.export.gguf.quant_types else "Q4_K_M").upper()
+    ollama_name = ollama_model_name(m.name, t.name, quant)
     system = t.system_prompt.strip()
     lines = [
         "---",
@@ -78,8 +80,8 @@ def model_card(cfg: Config, run: RunDir, merge_info: dict) -> str:
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'tok = AutoTokenizer.from_pretrained("{run.merged_dir}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{run.merged_dir}")',
+        f"tok = AutoTokenizer.from_pretrained({json.dumps(str(run.merged_dir))})",
+        f"model = AutoModelForCausalLM.from_pretrained({json.dumps(str(run.merged_dir))})",
         "messages = " + json.dumps(([{"role": "system", "content": system}] if system else [])
                                    + [{"role": "user", "content": t.prompt_template.replace("{input}", "...")}]),
         "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
@@ -91,16 +93,16 @@ def model_card(cfg: Config, run: RunDir, merge_info: dict) -> str:
         "system prompt included):",
         "",
         "```sh",
-        f"cd {run.gguf_dir}",
-        f"ollama create {name.lower()}:{quant.lower()} -f Modelfile.{quant}",
-        f"ollama run {name.lower()}:{quant.lower()} \"{t.prompt_template.replace('{input}', '...')}\"",
+        f"cd {shlex.quote(str(run.gguf_dir))}",
+        f"ollama create {shlex.quote(ollama_name)} -f {shlex.quote(run.modelfile_path(quant).name)}",
+        f"ollama run {shlex.quote(ollama_name)} {shlex.quote(t.prompt_template.replace('{input}', '...'))}",
         "```",
         "",
         "llama.cpp:",
         "",
         "```sh",
-        f"llama-cli -m {run.gguf_dir}/{name}-{quant}.gguf -cnv --temp 0"
-        + (f" -sys {json.dumps(system)}" if system else ""),
+        f"llama-cli -m {shlex.quote(str(run.gguf_path(m.name, t.name, quant)))} -cnv --temp 0"
+        + (f" -sys {shlex.quote(system)}" if system else ""),
         "```",
     ]
     if cfg.export.gptq:

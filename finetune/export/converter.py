@@ -8,12 +8,10 @@ package and `gguf-py/gguf` into a cache directory, once.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -23,11 +21,14 @@ from pathlib import Path
 from finetune.core.cache import cache_root, file_lock
 from finetune.core.errors import ExportError
 from finetune.core.hardware import cpu_threads
-from finetune.runtimes.llamacpp import native_output
+from finetune.core.fingerprint import file_sha256, paths_sha256
+from finetune.core.processes import run_child
 
 log = logging.getLogger("finetune")
 
 DEFAULT_VERSION = "0.3.36"
+# sha256 of the llama-cpp-python sdists whose vendored converter we run (the files PyPI serves).
+SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
 CONVERTER = "convert_hf_to_gguf.py"
 # What the converter imports from its own checkout (the rest of llama.cpp is C++ we do not need).
 _KEEP = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE")
@@ -75,32 +76,62 @@ def converter_dir(version: str | None = None, fetch: bool = True) -> Path:
         return path
     version = version or llama_cpp_version()
     dest = cache_root() / f"llama.cpp-{version}"
-    if (dest / CONVERTER).is_file():
+    if intact(dest):
         return dest
     if not fetch:
         raise ExportError(f"llama.cpp's converter is not in {dest}; run scripts/fetch_llama_cpp_converter.py")
     with file_lock(dest.parent / f".llama.cpp-{version}.lock"):
-        if not (dest / CONVERTER).is_file():
+        if not intact(dest):
+            if dest.exists():
+                log.warning("%s does not match the manifest written when it was extracted: fetching it again", dest)
             fetch_converter(version, dest)
     return dest
 
 
+MANIFEST = "MANIFEST.sha256"
+
+
+def _tree_sha256(folder: Path) -> str:
+    return paths_sha256([p for p in folder.iterdir() if p.name != MANIFEST], folder)
+
+
+def intact(folder: Path) -> bool:
+    """The extracted converter is what was extracted from the verified sdist (its manifest matches)."""
+    manifest = folder / MANIFEST
+    return (folder / CONVERTER).is_file() and manifest.is_file() and manifest.read_text().strip() == _tree_sha256(folder)
+
+
 def download_sdist(version: str, into: Path) -> Path:
-    """The llama-cpp-python sdist: $FINETUNE_LLAMA_CPP_SDIST if set, else `pip download` (no build)."""
+    """The llama-cpp-python sdist, checked against its pinned sha256 before anything in it is used:
+    $FINETUNE_LLAMA_CPP_SDIST if set, else `pip download` (no build)."""
     given = os.environ.get("FINETUNE_LLAMA_CPP_SDIST")
     if given:
-        return Path(given).expanduser()
+        return verified_sdist(Path(given).expanduser(), version)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={version}", "-d", str(into)]
     log.info("fetching llama.cpp's converter (once): %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_child(cmd)
     found = sorted(into.glob(f"llama_cpp_python-{version}.tar.gz"))
     if proc.returncode != 0 or not found:
         raise ExportError(
             f"could not download the llama-cpp-python=={version} sdist that carries llama.cpp's converter:\n"
             f"{proc.stderr[-2000:]}\nDownload it where you have network and set FINETUNE_LLAMA_CPP_SDIST=/path/to/"
             f"llama_cpp_python-{version}.tar.gz, or FINETUNE_LLAMA_CPP_DIR=/path/to/llama.cpp (a checkout).")
-    return found[0]
+    return verified_sdist(found[0], version)
+
+
+def verified_sdist(path: Path, version: str) -> Path:
+    """`path` if its sha256 is the one pinned for this version (SDIST_SHA256, or $FINETUNE_LLAMA_CPP_SDIST_SHA256
+    for a version we have not pinned); ExportError otherwise: the converter runs as code on this machine."""
+    expected = os.environ.get("FINETUNE_LLAMA_CPP_SDIST_SHA256") or SDIST_SHA256.get(version)
+    if expected is None:
+        raise ExportError(f"no pinned sha256 for the llama-cpp-python=={version} sdist (pinned: {sorted(SDIST_SHA256)}); "
+                          f"check the file yourself and set FINETUNE_LLAMA_CPP_SDIST_SHA256=<its sha256>")
+    got = file_sha256(path)
+    if got != expected:
+        raise ExportError(f"{path}: sha256 {got} is not the pinned {expected} of llama-cpp-python=={version}; "
+                          f"refusing to run the converter from it")
+    return path
 
 
 def fetch_converter(version: str, dest: Path) -> Path:
@@ -123,6 +154,7 @@ def fetch_converter(version: str, dest: Path) -> Path:
         if not (out / CONVERTER).is_file() or not (out / "gguf-py" / "gguf").is_dir():
             raise ExportError(f"{sdist.name} has no vendor/llama.cpp/{CONVERTER} with gguf-py")
         (out / "SOURCE.txt").write_text(f"Extracted from {sdist.name} (vendor/llama.cpp), MIT licence.\n")
+        (out / MANIFEST).write_text(_tree_sha256(out) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(out, dest)
@@ -141,11 +173,12 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", mo
     env["PYTHONPATH"] = os.pathsep.join(
         [str(conv / "gguf-py"), str(conv)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the converter's folder stays as extracted (its manifest)
     cmd = [sys.executable, str(conv / CONVERTER), str(model_dir), "--outfile", str(out_path), "--outtype", outtype]
     if model_name:
         cmd += ["--model-name", model_name]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = run_child(cmd, env=env)
     if proc.returncode != 0 or not out_path.is_file():
         raise ExportError(
             f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}):\n"
@@ -160,18 +193,20 @@ def normalize_quant_type(name: str) -> str:
     return key
 
 
-def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int | None = None) -> float:
-    """llama.cpp's quantizer through llama-cpp-python; returns seconds."""
-    import llama_cpp
+# In a child process: Ctrl-C reaches it and us (a Python log callback inside the C call would swallow it),
+# a killed run takes it down with it, and llama.cpp's per-tensor log stays out of ours.
+_QUANTIZE = ("import ctypes, sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+             "p.ftype = getattr(llama_cpp, sys.argv[3]); p.nthread = int(sys.argv[4]); "
+             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
 
-    ftype = getattr(llama_cpp, QUANT_TYPES[normalize_quant_type(quant_type)])
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = n_threads or cpu_threads()
+
+def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int | None = None) -> float:
+    """llama.cpp's quantizer (llama-cpp-python's binding, in a child process); returns seconds."""
+    ftype = QUANT_TYPES[normalize_quant_type(quant_type)]
     start = time.perf_counter()
-    with native_output() as captured:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0 or not dst.is_file():
-        raise ExportError(f"llama.cpp could not quantize {src.name} to {quant_type} (return code {rc}):\n"
-                          f"{captured.get('text', '')[-3000:]}")
+    proc = run_child([sys.executable, "-c", _QUANTIZE, str(src), str(dst), ftype, str(n_threads or cpu_threads())])
+    if proc.returncode != 0 or not dst.is_file():
+        dst.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp could not quantize {src.name} to {quant_type} (return code "
+                          f"{proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     return time.perf_counter() - start

