@@ -207,7 +207,7 @@ def start(stage: Stage, cfg: Config, run: RunDir, inputs: dict) -> None:
         if run.is_done(name) and name != stage.name:
             log.info("[%s] invalidated: %s runs again", name, stage.name)
         run.clear(name)
-    started = run.stages_dir / f"{stage.name}.started.json"
+    started = run.started_marker(stage.name)
     before = json.loads(started.read_text()) if started.is_file() else None
     state = [p for p in stage.state(cfg, run) if p.exists()]
     if state and before is not None and before != inputs:
@@ -240,9 +240,9 @@ def check_run_identity(cfg: Config, run: RunDir) -> None:
 
 def wait_for(run: RunDir, stage: str, timeout_s: float = 3600) -> None:
     """Non-main ranks wait for rank 0 to finish a stage that only rank 0 runs."""
-    start = time.time()
+    began = time.time()
     while not run.is_done(stage):
-        if time.time() - start > timeout_s:
+        if time.time() - began > timeout_s:
             raise TimeoutError(f"rank {rank()}: rank 0 did not finish stage {stage!r} in {timeout_s:.0f}s")
         time.sleep(1)
 

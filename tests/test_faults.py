@@ -196,8 +196,9 @@ def test_rerunning_an_upstream_stage_invalidates_the_stages_after_it(tmp_path):
 # ---- interrupts ---------------------------------------------------------------------------------------
 
 
-def _converters(run_dir: Path) -> list[int]:
-    """PIDs of llama.cpp converter or quantizer processes working on this run directory."""
+def _converters(run_dir: Path, kinds: tuple[str, ...] = ("convert_hf_to_gguf", "llama_model_quantize")) -> list[int]:
+    """PIDs of llama.cpp converter (convert_hf_to_gguf) or quantizer (llama_model_quantize) processes working
+    on this run directory."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -206,7 +207,7 @@ def _converters(run_dir: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
         except OSError:
             continue
-        if str(run_dir) in cmdline and ("convert_hf_to_gguf" in cmdline or "llama_model_quantize" in cmdline):
+        if str(run_dir) in cmdline and any(kind in cmdline for kind in kinds):
             found.append(int(proc.name))
     return found
 
@@ -241,12 +242,13 @@ def test_interrupts_during_export_leave_no_done_marker_no_temp_files_and_no_chil
     merged = cli(*base, "stages=[merge]")
     assert merged.returncode == 0, merged.stderr[-3000:]
 
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+    # Ctrl-C while quantizing (it used to be swallowed inside llama.cpp's log callback), SIGTERM while converting.
+    for sig, code, child in ((signal.SIGINT, 130, "llama_model_quantize"), (signal.SIGTERM, 143, "convert_hf_to_gguf")):
         proc = _start_and_wait_for([*base, "stages=[gguf]"], "[gguf] starting", tmp_path / "gguf.log")
         deadline = time.time() + 120
-        while not _converters(run_dir):  # the converter (then the quantizer) is running
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.05)
+        while not _converters(run_dir, (child,)):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "gguf.log").read_text()[-2000:]
+            time.sleep(0.02)
         proc.send_signal(sig)
         assert proc.wait(timeout=120) == code, (tmp_path / "gguf.log").read_text()[-3000:]
         assert "the stage in flight was not marked done" in (tmp_path / "gguf.log").read_text()

@@ -134,6 +134,9 @@ class RunDir:
     def stage_marker(self, stage: str) -> Path:
         return self.stages_dir / f"{stage}.json"
 
+    def started_marker(self, stage: str) -> Path:  # the inputs a stage last started from (resumable state)
+        return self.stages_dir / f"{stage}.started.json"
+
     def is_done(self, stage: str) -> bool:
         return self.stage_marker(stage).is_file()
 
