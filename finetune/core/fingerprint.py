@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from finetune.core.files import TMP_PREFIX
+
 _CHUNK = 1 << 20
 # (path, size, mtime_ns) -> sha256: a run hashes each large artifact once, however many stages read it.
 _FILE_CACHE: dict[tuple[str, int, int], str] = {}
@@ -34,7 +36,8 @@ def paths_sha256(paths: Iterable[Path], root: Path | None = None) -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             name = str(f.relative_to(root)) if root is not None and f.is_relative_to(root) else str(f)
-            if name.rsplit("/", 1)[-1].startswith(".tmp-") or "__pycache__" in f.parts:
+            parts = f.relative_to(path.parent).parts
+            if any(part.startswith(TMP_PREFIX) or part == "__pycache__" for part in parts):
                 continue  # unfinished writes and Python's byte-code caches are not content
             digest = file_sha256(f) if f.is_file() else "missing"
             h.update(f"{name}\0{digest}\n".encode())

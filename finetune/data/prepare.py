@@ -123,7 +123,8 @@ def load_task_data(cfg_task: TaskConfig, task: Task, report: Report) -> dict[str
                     example = to_example(record, fmt, task, cfg_task.data)
                 except BadExample as exc:
                     report.add(exc.kind, record.file, record.row, str(exc), "stopped" if stop else "dropped")
-                    bad.append(f"  {record.file}:{record.row}: {exc} ({exc.kind})")
+                    if stop:
+                        bad.append(f"  {record.file}:{record.row}: {exc} ({exc.kind})")
                     continue
                 example.index = index
                 index += 1

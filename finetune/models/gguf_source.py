@@ -31,15 +31,24 @@ def installed(distribution: str) -> bool:
         return False
 
 
-def packaged_gguf_path(model_cfg: ModelConfig) -> Path:
-    """Path of the GGUF shipped inside PyPI packages, joining parts once into the cache."""
+def check_package(model_cfg: ModelConfig) -> None:
+    """ModelUnavailable unless the model has an offline package and every part of it is installed."""
     pkg = model_cfg.package
+    if pkg is None:
+        raise ModelUnavailable(f"model {model_cfg.name!r} has no offline package; use model.source=hub "
+                               f"(needs network) or model.path=/path/to/model.")
     missing = [d for d in pkg.distributions if not installed(d)]
     if missing:
         raise ModelUnavailable(
             f"model {model_cfg.name!r}: the offline package(s) {missing} are not installed.\n"
             f"Install them with: {pkg.install}\nor set model.path=/path/to/model (HF directory or .gguf)."
         )
+
+
+def packaged_gguf_path(model_cfg: ModelConfig) -> Path:
+    """Path of the GGUF shipped inside PyPI packages, joining parts once into the cache."""
+    check_package(model_cfg)
+    pkg = model_cfg.package
     if pkg.assemble:
         return _assembled(model_cfg)
     parts = [

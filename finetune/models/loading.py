@@ -16,7 +16,8 @@ from typing import Any
 from finetune.core.config import ModelConfig
 from finetune.core.errors import ConfigError, ModelUnavailable
 from finetune.models.families import FAMILIES, family
-from finetune.models.gguf_source import SENTENCEPIECE_FILE, convert_gguf, installed, packaged_gguf_path
+from finetune.models.gguf_source import (SENTENCEPIECE_FILE, check_package, convert_gguf, installed,
+                                         packaged_gguf_path)
 
 log = logging.getLogger("finetune")
 
@@ -59,44 +60,32 @@ def check_available(model_cfg: ModelConfig) -> str:
     A hub model that is not cached counts as unavailable only when HF_HUB_OFFLINE is set."""
     source = model_source(model_cfg)
     if source == "path":
-        path = Path(model_cfg.path or "").expanduser()
-        if not model_cfg.path or not (path.is_file() and path.suffix == ".gguf" or (path / "config.json").is_file()):
-            raise ModelUnavailable(f"model {model_cfg.name!r}: model.path={model_cfg.path} is neither a Hugging "
-                                   f"Face model directory (with config.json) nor a .gguf file.")
+        checked_path(model_cfg)
     elif source == "package":
-        if model_cfg.package is None:
-            raise ModelUnavailable(f"model {model_cfg.name!r} has no offline package; use model.source=hub "
-                                   f"(needs network) or model.path=/path/to/model.")
-        missing = [d for d in model_cfg.package.distributions if not installed(d)]
-        if missing:
-            raise ModelUnavailable(f"model {model_cfg.name!r}: the offline package(s) {missing} are not "
-                                   f"installed.\nInstall them with: {model_cfg.package.install}")
+        check_package(model_cfg)
     elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not _hub_cached(model_cfg):
         raise _hub_error(model_cfg, OSError("HF_HUB_OFFLINE is set and the model is not in the local hub cache"))
     return source
+
+
+def checked_path(model_cfg: ModelConfig) -> Path:
+    """model.path: a .gguf file or a Hugging Face model directory; ModelUnavailable otherwise."""
+    if not model_cfg.path:
+        raise ModelUnavailable(f"model.source=path needs model.path=/path/to/model for {model_cfg.name!r}")
+    path = Path(model_cfg.path).expanduser()
+    if (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").is_file()):
+        return path
+    raise ModelUnavailable(f"model.path={path} is neither a Hugging Face model directory (with config.json) "
+                           f"nor a .gguf file.")
 
 
 def resolve_model(model_cfg: ModelConfig) -> str:
     """A local HF directory (a GGUF source converted once into the cache) or a hub id for `from_pretrained`."""
     source = model_source(model_cfg)
     if source == "path":
-        if not model_cfg.path:
-            raise ModelUnavailable(f"model.source=path needs model.path=/path/to/model for {model_cfg.name!r}")
-        path = Path(model_cfg.path).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            return str(convert_gguf(path.resolve(), model_cfg.name))
-        if path.is_dir() and (path / "config.json").is_file():
-            return str(path)
-        raise ModelUnavailable(
-            f"model.path={path} is neither a Hugging Face model directory (with config.json) "
-            f"nor a .gguf file."
-        )
+        path = checked_path(model_cfg)
+        return str(convert_gguf(path.resolve(), model_cfg.name)) if path.is_file() else str(path)
     if source == "package":
-        if model_cfg.package is None:
-            raise ModelUnavailable(
-                f"model {model_cfg.name!r} has no offline package; use model.source=hub "
-                f"(needs network) or model.path=/path/to/model."
-            )
         return str(convert_gguf(packaged_gguf_path(model_cfg), model_cfg.name))
     return model_cfg.hub_id
 
