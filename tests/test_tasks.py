@@ -88,9 +88,37 @@ def test_extraction_json_schema_gives_fields_and_types():
         task.check_output({"age": "three"})
 
 
-def test_extraction_needs_a_field_list():
-    with pytest.raises(ValueError, match="no field list"):
-        task_for("task.kind=extraction")
+def test_extraction_learns_its_field_list_from_the_training_answers():
+    task = task_for("task.kind=extraction")  # no task.fields: any key, learned from the training split
+    assert task.check_output({"b": "1", "a": "2"}) == {"b": "1", "a": "2"}
+    learned = task.learn_from_train([{"name": "x", "city": "y"}, {"name": "z", "zip": "1"}, {"city": "q", "zip": "2"}])
+    assert learned["fields"] == task.fields == ["name", "city", "zip"]
+    assert task.answer_text({"zip": "1", "name": "x"}) == '{"name":"x","zip":"1"}'
+    with pytest.raises(ValueError, match="no training answer has any key"):
+        task_for("task.kind=extraction").learn_from_train([{}, {}])
+
+
+def test_extraction_keeps_the_datas_key_order_not_the_field_lists():
+    task = task_for("task.kind=extraction", "task.fields=[zip,city,name,unused]")  # listed alphabetically reversed
+    answers = [task.check_output({"name": "a", "city": "b"}), task.check_output({"city": "c", "zip": "1"})]
+    assert list(answers[0]) == ["name", "city"]  # the row's own order is kept
+    learned = task.learn_from_train(answers)
+    assert task.fields == ["name", "city", "zip", "unused"] and learned["fields_never_in_training"] == ["unused"]
+    assert task.answer_text({"zip": "1", "city": "c", "name": "a"}) == '{"name":"a","city":"c","zip":"1"}'
+    with pytest.raises(BadExample, match="not among the task's fields"):
+        task.check_output({"street": "x"})
+
+
+@pytest.mark.parametrize("answers, order", [
+    ([["a", "b", "c"], ["b", "c"], ["a", "c"]], ["a", "b", "c"]),          # consistent: exactly that order
+    ([["c"], ["a", "b"], ["b", "c"]], ["a", "b", "c"]),                    # first seen is not first in order
+    ([["a", "b"], ["a", "b"], ["b", "a"]], ["a", "b"]),                    # disagreement: the majority
+    ([["x"], ["y"]], ["x", "y"]),                                           # never together: first seen
+])
+def test_key_order_agrees_with_the_answers(answers, order):
+    from finetune.tasks.extraction import key_order
+
+    assert key_order([dict.fromkeys(keys, "v") for keys in answers]) == order
 
 
 # ---- classification -------------------------------------------------------------------------

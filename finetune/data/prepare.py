@@ -228,6 +228,7 @@ def split_task_data(cfg_task: TaskConfig, report: Report | None = None) -> tuple
     sources = load_task_data(cfg_task, task, report)
     splits = _assign_splits(sources, cfg_task.data)
     _remove_leaks(splits, report)
+    task.learn_from_train([e.reference for e in splits["train"]])
     rendered = {s: [render_row(task, e) for e in splits[s]] for s in SPLITS}
     return task, splits, rendered, sum(len(v) for v in sources.values())
 
@@ -286,6 +287,7 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
         "max_length": max_length,
         "length_check": length_check,
         "token_lengths": lengths,
+        **task.learned,
     }
     write_json_atomic(run.validation_report_path, report_json)
     log.info("[data] %s: %d usable of %d rows -> train %d, validation %d, test %d", task.name, rows_usable,
@@ -296,6 +298,7 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
         "dropped": {k: v for k, v in report.counts.items() if not k.startswith("too_long_test")},
         "warnings": warnings,
         "length_check": length_check,
+        **task.learned,
         "input_files": report_json["files"],  # fingerprinted by the pipeline: a changed file re-runs the stage
     }
 

@@ -13,11 +13,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.core.config import ModelConfig
+import dataclasses
+
+from finetune.core.config import ModelConfig, TaskConfig
 from finetune.core.errors import DataError
+from finetune.core.rundir import RunDir
 from finetune.data.sources import Example
 from finetune.models.loading import adapt_messages
-from finetune.tasks import Task
+from finetune.tasks import Task, get_task
+
+
+def run_task(cfg_task: TaskConfig, run: RunDir) -> Task:
+    """The task as the data stage settled it for this run (extraction: the field list in the data's key
+    order, learned from the training answers), so later stages ask for the answers the model was trained on."""
+    fields = None
+    if run.validation_report_path.is_file():
+        fields = json.loads(run.validation_report_path.read_text()).get("fields")
+    return get_task(dataclasses.replace(cfg_task, fields=list(fields)) if fields else cfg_task)
 
 
 def render_row(task: Task, example: Example) -> dict:

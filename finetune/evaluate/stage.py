@@ -26,7 +26,7 @@ from finetune.core.errors import ConfigError, DataError
 from finetune.core.files import dir_size, write_json_atomic
 from finetune.core.hardware import cpu_threads, torch_threads
 from finetune.core.rundir import RunDir, quant_of
-from finetune.data.rows import read_rows
+from finetune.data.rows import read_rows, run_task
 from finetune.evaluate.metrics import score, write_predictions
 from finetune.evaluate.report import write_report
 from finetune.models.loading import (
@@ -40,7 +40,7 @@ from finetune.models.loading import (
 from finetune.runtimes.generation import Generation, Sampling
 from finetune.runtimes.llamacpp import generate_llama_cpp
 from finetune.runtimes.transformers import generate_transformers
-from finetune.tasks import Task, get_task
+from finetune.tasks import Task
 from finetune.train.tracking import log_results
 
 log = logging.getLogger("finetune")
@@ -238,7 +238,7 @@ def specialist(s: Session) -> None:
 
 def evaluate(cfg: Config, run: RunDir) -> dict:
     """Stage `evaluate`: see the module docstring. Writes metrics.json, predictions/, report.md, plots/."""
-    task = get_task(cfg.task)
+    task = run_task(cfg.task, run)
     rows = load_rows(run.split_path("test"))
     if cfg.evaluate.max_examples:
         rows = rows[: cfg.evaluate.max_examples]

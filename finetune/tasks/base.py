@@ -51,6 +51,7 @@ class Task:
         self.name = str(cfg.name)
         self.system_prompt = cfg.system_prompt or ""
         self.prompt_template = cfg.prompt_template or "{input}"
+        self.learned: dict = {}  # what learn_from_train settled
         self.specialist = cfg.specialist or (self.specialists[0] if self.specialists else "none")
         if self.specialist not in ("none", *self.specialists):
             raise ConfigError(
@@ -89,6 +90,11 @@ class Task:
     def check_output(self, value: Any) -> Any:
         """The reference answer for a data value, or BadExample naming what is wrong with it."""
         raise NotImplementedError
+
+    def learn_from_train(self, train_references: list) -> dict:
+        """Settle what the task takes from the training answers before rows are rendered (extraction: the
+        field list and its order); returns what was decided, for the data stage's report."""
+        return self.learned
 
     def answer_text(self, reference: Any) -> str:
         """The assistant turn the model is trained to write for this reference."""

@@ -77,6 +77,30 @@ def group_tokens(pairs: list[tuple[str, str]]) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
+def key_order(answers: list[dict]) -> list[str]:
+    """One key order that agrees with the answers: a key comes before another when more answers write it
+    first. Answers with a consistent order give exactly that order (a topological sort); disagreements
+    are settled by the majority, then by first appearance."""
+    first_seen: dict[str, int] = {}
+    before: dict[tuple[str, str], int] = {}
+    for answer in answers:
+        keys = list(answer)
+        for i, a in enumerate(keys):
+            first_seen.setdefault(a, len(first_seen))
+            for b in keys[i + 1 :]:
+                before[a, b] = before.get((a, b), 0) + 1
+    remaining, order = sorted(first_seen, key=first_seen.get), []
+    while remaining:
+        def margin(k: str) -> int:
+            return sum(before.get((k, o), 0) - before.get((o, k), 0) for o in remaining)
+
+        free = [k for k in remaining if all(before.get((o, k), 0) <= before.get((k, o), 0) for o in remaining)]
+        pick = free[0] if free else max(remaining, key=lambda k: (margin(k), -first_seen[k]))
+        order.append(pick)
+        remaining.remove(pick)
+    return order
+
+
 class ExtractionTask(Task):
     kind = "extraction"
     headline_metric = "field_f1"
@@ -86,13 +110,26 @@ class ExtractionTask(Task):
         super().__init__(cfg)
         self.schema = dict(cfg.json_schema or {})
         properties = (self.schema or {}).get("properties") or {}
+        # The allowed keys. Empty: any key, and the list is learned from the training split (learn_from_train).
         self.fields = [str(f) for f in (cfg.fields or [])] or list(properties)
-        if not self.fields:
-            raise ConfigError(
-                f"task {self.name} (kind extraction) has no field list: set task.fields=[key1,key2,...] or "
-                f"task.json_schema with 'properties' (conf/task/{self.name}.yaml)"
-            )
+        self.fields_given = bool(self.fields)
         self.types = {k: v.get("type") for k, v in properties.items() if isinstance(v, dict) and v.get("type")}
+
+    def learn_from_train(self, train_references: list[dict]) -> dict:
+        """Answers keep the key order of the user's data: the field list is put in the order the training
+        answers write their keys (not the order task.fields lists them), and inferred from them when
+        task.fields is empty. What was decided goes into the data stage's report."""
+        order = key_order(train_references)
+        unseen = [k for k in self.fields if k not in order]  # allowed, never in a training answer
+        if self.fields_given:
+            order = [k for k in order if k in self.fields] + unseen
+        if not order:
+            raise ConfigError(f"task {self.name} (kind extraction): no training answer has any key, so there is "
+                              f"no field list to learn; set task.fields=[key1,key2,...] or check the data")
+        self.fields = order
+        self.learned = {"fields": order, "fields_from": "task.fields, in the data's key order" if self.fields_given
+                else "the training answers (task.fields empty)", "fields_never_in_training": unseen}
+        return self.learned
 
     # ---- data -------------------------------------------------------------------------
     def check_output(self, value: Any) -> dict:
@@ -104,16 +141,17 @@ class ExtractionTask(Task):
         if not isinstance(value, dict):
             raise BadExample("invalid_json", f"answer must be a JSON object, got {type(value).__name__}")
         extra = [k for k in value if k not in self.fields]
-        if extra:
+        if self.fields_given and extra:
             raise BadExample("unknown_keys", f"keys {extra} are not among the task's fields {self.fields}")
         for key, expected in self.types.items():
             if key in value and value[key] is not None and not _type_ok(value[key], expected):
                 raise BadExample("wrong_type", f"field {key!r} should be {expected}, got {type(value[key]).__name__}")
-        return {k: value[k] for k in self.fields if k in value}
+        return {str(k): v for k, v in value.items()}  # the data's own key order, which learn_from_train reads
 
     def answer_text(self, reference: dict) -> str:
-        """Compact JSON, keys in the task's field order."""
-        ordered = {k: reference[k] for k in self.fields if k in reference}
+        """Compact JSON, keys in the task's field order (learned from the training answers)."""
+        rank = {k: i for i, k in enumerate(self.fields)}
+        ordered = dict(sorted(reference.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
 
     # ---- answers ----------------------------------------------------------------------
