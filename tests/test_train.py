@@ -323,3 +323,51 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     assert max_diff == 0.0, f"adapters differ by {max_diff}"
     losses = lambda d: [h["loss"] for h in json.loads((d / "train_log.json").read_text()) if "loss" in h]  # noqa: E731
     assert losses(killed)[-1] == losses(straight)[-1]
+
+
+# ---------------------------------------------------------------- time budget
+
+
+def test_budget_schedule_matches_transformers_schedules():
+    from transformers import get_scheduler
+
+    from finetune.train.budget import SCHEDULES, schedule_factor
+
+    for name in SCHEDULES:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = get_scheduler(name, opt, num_warmup_steps=3, num_training_steps=20)
+        ours = [schedule_factor(name, step, 3, 20) for step in range(21)]
+        theirs = [sched.lr_lambdas[0](step) for step in range(21)]
+        assert ours == pytest.approx(theirs, abs=1e-12), name
+
+
+@pytest.mark.slow
+def test_budget_decides_the_steps_and_ends_on_the_schedule(tmp_path):
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.max_steps=-1", "method.epochs=100",
+                                   "method.budget_minutes=0.25", "method.eval_steps=0", "method.precision=fp32"])
+    start = time.time()
+    summary = train(cfg, run)
+    seconds = time.time() - start
+    decision = json.loads(run.budget_path.read_text())
+    assert summary["global_step"] == decision["steps"] < decision["steps_allowed_by_epochs"] == 800
+    assert decision["steps"] >= 5  # the timed steps at least
+    history = json.loads(run.train_log_path.read_text())
+    lrs = [h["learning_rate"] for h in history if "learning_rate" in h]
+    assert lrs[-1] < 0.05 * cfg.method.lr  # the cosine decayed to (near) zero on the last step, not cut mid-way
+    assert seconds < 15 + 60  # the budget (15 s) plus loading the model and saving
+
+    # A resumed run keeps the decision instead of timing again.
+    run.budget_path.write_text(json.dumps({**decision, "steps": 3}))
+    cfg.resume = False
+    again = train(cfg, run)  # resume=false removes the checkpoints folder, budget.json with it: timed again
+    assert again["global_step"] == json.loads(run.budget_path.read_text())["steps"]
+
+
+@pytest.mark.slow
+def test_a_resumed_budget_run_keeps_its_step_count(tmp_path):
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.max_steps=-1", "method.epochs=100",
+                                   "method.budget_minutes=5", "method.eval_steps=0", "method.precision=fp32"])
+    run.checkpoints_dir.mkdir(parents=True)
+    run.budget_path.write_text(json.dumps({"steps": 3}))
+    summary = train(cfg, run)
+    assert summary["global_step"] == 3  # not the hundreds that 5 minutes would allow

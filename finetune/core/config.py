@@ -165,6 +165,9 @@ class MethodConfig:
     optim: str = "adamw_torch"
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
+    # On a CPU: train for this many minutes (the steps that fit, timed on the first steps, schedule fitted to
+    # them; never more than epochs/max_steps allow). None: train epochs/max_steps. A GPU trains whole epochs.
+    budget_minutes: Optional[float] = None
     batch_size: int = 8  # per device
     grad_accum: int = 1
     max_length: int = 512
@@ -317,6 +320,8 @@ def value_problems(cfg: Config) -> list[str]:
         (m.max_steps >= 1 or m.max_steps == -1, f"method.max_steps={m.max_steps}: must be >= 1, or -1 (use epochs)"),
         (m.max_steps != -1 or m.epochs > 0, f"method.epochs={m.epochs}: must be > 0 when method.max_steps=-1"),
         (m.lr > 0, f"method.lr={m.lr}: must be > 0 (typical LoRA: 1e-4 to 1e-3)"),
+        (m.budget_minutes is None or m.budget_minutes > 0,
+         f"method.budget_minutes={m.budget_minutes}: must be > 0, or null (train method.epochs / max_steps)"),
         (m.batch_size >= 1, f"method.batch_size={m.batch_size}: must be >= 1"),
         (m.grad_accum >= 1, f"method.grad_accum={m.grad_accum}: must be >= 1"),
         (m.max_length >= 16, f"method.max_length={m.max_length}: must be >= 16 tokens"),

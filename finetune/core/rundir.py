@@ -70,6 +70,10 @@ class RunDir:
         return self.root / "checkpoints"
 
     @property
+    def budget_path(self) -> Path:  # steps decided by method.budget_minutes, kept for a resume
+        return self.checkpoints_dir / "budget.json"
+
+    @property
     def adapter_dir(self) -> Path:  # final LoRA adapter (or full model for method=full)
         return self.root / "adapter"
 

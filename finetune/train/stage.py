@@ -22,6 +22,7 @@ from finetune.core.rundir import RunDir
 from finetune.data.rows import load_split
 from finetune.models.loading import device_for, load_tokenizer
 from finetune.train import tracking
+from finetune.train.budget import SCHEDULES, TimeBudget
 from finetune.train.callbacks import DivergenceGuard, ProgressLog
 from finetune.train.checkpoints import resume_checkpoint, save_final
 from finetune.train.model import build_model, resolve_precision
@@ -151,6 +152,9 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
     tokenizer = load_tokenizer(cfg.model)
     model, peft_config = build_model(cfg, device, precision)
     callbacks = [ProgressLog(), DivergenceGuard(cfg.method, precision), *(callbacks or [])]
+    budget = time_budget(cfg.method, device, run)
+    if budget is not None:
+        callbacks.append(budget)
     if cfg.method.early_stopping_patience:
         if args.load_best_model_at_end:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.method.early_stopping_patience))
@@ -173,6 +177,20 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
             "train_examples": len(train_ds), "validation_examples": len(eval_ds) if eval_ds is not None else 0,
             **check_eos_trained(trainer.train_dataset, tokenizer, cfg.model.eos_token, cfg.method.max_length)}
     return trainer, info
+
+
+def time_budget(method: MethodConfig, device: str, run: RunDir) -> TimeBudget | None:
+    """The callback that sizes training by method.budget_minutes (CPU only: a GPU trains whole epochs)."""
+    if method.budget_minutes is None:
+        return None
+    if device != "cpu":
+        log.info("method.budget_minutes=%s applies on a CPU; on %s training runs method.epochs / max_steps",
+                 method.budget_minutes, device)
+        return None
+    if method.lr_scheduler not in SCHEDULES:
+        raise ConfigError(f"method.lr_scheduler={method.lr_scheduler} cannot be fitted to a time budget: use one of "
+                          f"{', '.join(SCHEDULES)}, or method.budget_minutes=null")
+    return TimeBudget(method.budget_minutes, method.lr_scheduler, method.warmup_ratio, run.budget_path)
 
 
 def _check_finite(trainer: Any) -> None:
