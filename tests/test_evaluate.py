@@ -84,7 +84,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
     cfg = compose([
         f"run_dir={root}", "evaluate.max_examples=4", "evaluate.batch_size=4", "evaluate.base_few_shot=0",
-        "evaluate.n_threads=1", f"task.max_new_tokens={MAX_NEW_TOKENS}",
+        "evaluate.n_threads=1", f"task.max_new_tokens={MAX_NEW_TOKENS}", "evaluate.merged=true",
     ])
     run = RunDir(root)
     train, val, _ = write_data(run, get_task(cfg.task))

@@ -74,14 +74,14 @@ def test_packaged_model_runs_the_whole_pipeline(model, tmp_path):
     text = (run.gguf_dir / "Modelfile.Q8_0").read_text()
     assert f"FROM ./{gguf.name}" in text and all(f"PARAMETER stop {s}" in text for s in cfg.model.stop_tokens)
 
-    # metrics.json: the base model, the fine-tuned adapter, the merged checkpoint and the GGUF, each scored
+    # metrics.json: the base model, the fine-tuned adapter and the GGUF (the merged checkpoint only when asked), each scored
     # on the same two test examples, plus the non-LLM baseline.
     metrics = json.loads(run.metrics_path.read_text())
     assert metrics["model"] == model and metrics["n"] == 2
     models = metrics["models"]
-    assert {"base", "finetuned", "merged", "gguf-Q8_0", "specialist"} <= set(models)
+    assert {"base", "finetuned", "gguf-Q8_0", "specialist"} <= set(models) and "merged" not in set(models)
     head = metrics["headline_metric"]
-    for name in ("base", "finetuned", "merged", "gguf-Q8_0"):
+    for name in ("base", "finetuned", "gguf-Q8_0"):
         assert "error" not in models[name], models[name]
         assert models[name]["n"] == 2 and 0.0 <= models[name][head] <= 1.0
     assert models["gguf-Q8_0"]["runtime"] == "llama.cpp" and models["gguf-Q8_0"]["generated_tokens_mean"] > 0

@@ -244,6 +244,9 @@ class EvaluateConfig:
     compare: List[str] = field(default_factory=list)  # registry model names, zero/few-shot
     specialist: bool = True  # the task's non-LLM baseline
     artifacts: bool = True  # evaluate every exported artifact in its runtime
+    # The merged checkpoint too (transformers). Off by default: the merge stage already checks that its
+    # logits equal the adapter's, so its greedy answers repeat the fine-tuned row at the cost of a full pass.
+    merged: bool = False
     n_threads: Optional[int] = None  # generation threads (torch and llama.cpp); None = all cores
 
 

@@ -3,7 +3,8 @@
 Evaluated, each under one name in metrics.json and predictions/<name>.jsonl (finetune.evaluate.metrics):
   base            the model before fine-tuning (optionally k-shot, so the comparison is fair)
   finetuned       base + the trained adapter (or the full fine-tuned model)
-  merged, gptq    the exported Hugging Face checkpoints, through transformers
+  merged, gptq    the exported Hugging Face checkpoints, through transformers (merged: evaluate.merged=true;
+                  the merge stage already proves its logits equal the adapter's)
   gguf-<QUANT>    every GGUF in the run, through llama.cpp (the runtime Ollama uses)
   <registry name> comparison models from conf/model/ (evaluate.compare), zero/few-shot
   specialist      the task's non-LLM baseline
@@ -204,6 +205,8 @@ def artifacts(s: Session) -> None:
     """Every exported artifact in the runtime that serves it."""
     run = s.run
     for name, path in (("merged", run.merged_dir), ("gptq", run.gptq_dir)):
+        if name == "merged" and not s.cfg.evaluate.merged:
+            continue
         if _hf_dir(path):
             info = {"source": str(path), "size_bytes": dir_size(path)}
             s.guarded(name, info, functools.partial(s.hf_checkpoint, name, path, info))
