@@ -41,7 +41,7 @@ def expected_models(run_dir: Path) -> set[str]:
 def run_evaluate(run_dir: Path, overrides: list[str]) -> None:
     ident = json.loads((run_dir / "run.json").read_text())
     cmd = [sys.executable, "-m", "finetune", f"run_dir={run_dir}", "stages=[evaluate]", f"model={ident['model']}",
-           f"task={ident['task']}", f"method={ident['method']}", *overrides]
+           f"task={ident['task']}", f"method={ident['method']}", "evaluate.merged=true", *overrides]
     print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=_bench.ROOT, check=True)
 

@@ -371,3 +371,18 @@ def test_a_resumed_budget_run_keeps_its_step_count(tmp_path):
     run.budget_path.write_text(json.dumps({"steps": 3}))
     summary = train(cfg, run)
     assert summary["global_step"] == 3  # not the hundreds that 5 minutes would allow
+
+
+@pytest.mark.slow
+def test_checkpoint_chosen_by_the_task_metric_on_validation_rows(tmp_path):
+    cfg, run = tiny_run(tmp_path, ["method=lora", "method.best_by=task", "method.metric_examples=2",
+                                   "method.precision=fp32", "task.max_new_tokens=24", "method.lr=2e-3"])
+    summary = train(cfg, run)
+    history = json.loads(run.train_log_path.read_text())
+    scored = {h["step"]: h["eval_field_f1"] for h in history if "eval_field_f1" in h}
+    assert sorted(scored) == [2, 4] and all(0.0 <= v <= 1.0 for v in scored.values())
+    best_step = max(scored, key=lambda s: (scored[s], -s))  # ties: the first (transformers keeps the earlier one)
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    # The final model (the best checkpoint, loaded at the end) is scored once more for the summary.
+    assert summary["validation"]["field_f1"] == scored[best_step]
+    assert summary["validation"]["n"] == 2

@@ -183,6 +183,10 @@ class MethodConfig:
     logging_steps: int = 5
     early_stopping_patience: Optional[int] = None
     load_best_model_at_end: bool = True
+    # Validation rows answered and scored with the task's metric: once after training (the number a
+    # hyper-parameter search maximises), and at every evaluation when best_by=task. 0: never.
+    metric_examples: int = 32
+    best_by: str = "loss"  # the checkpoint kept at the end: lowest eval loss (loss) or best task metric (task)
     seed: int = 42
 
 
@@ -335,6 +339,10 @@ def value_problems(cfg: Config) -> list[str]:
         (m.weight_decay >= 0, f"method.weight_decay={m.weight_decay}: must be >= 0"),
         (m.max_grad_norm > 0, f"method.max_grad_norm={m.max_grad_norm}: must be > 0"),
         (m.eval_steps >= 0, f"method.eval_steps={m.eval_steps}: must be >= 0 (0: no evaluation loss)"),
+        (m.metric_examples >= 0, f"method.metric_examples={m.metric_examples}: must be >= 0 (0: no task metric)"),
+        (m.best_by in ("loss", "task"), f"method.best_by={m.best_by}: must be loss or task"),
+        (m.best_by == "loss" or m.metric_examples > 0,
+         "method.best_by=task needs validation rows to score: set method.metric_examples > 0"),
         (m.save_steps >= 1, f"method.save_steps={m.save_steps}: must be >= 1"),
         (m.logging_steps >= 1, f"method.logging_steps={m.logging_steps}: must be >= 1"),
         (m.eval_examples is None or m.eval_examples >= 1, f"method.eval_examples={m.eval_examples}: must be >= 1"),

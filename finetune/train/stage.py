@@ -26,6 +26,7 @@ from finetune.train.budget import SCHEDULES, TimeBudget
 from finetune.train.callbacks import DivergenceGuard, ProgressLog
 from finetune.train.checkpoints import resume_checkpoint, save_final
 from finetune.train.model import build_model, resolve_precision
+from finetune.train.selection import ValidationScorer
 from finetune.train.trl_hooks import trainer_class
 
 log = logging.getLogger("finetune")
@@ -66,7 +67,8 @@ def check_eos_trained(dataset: Any, tokenizer: Any, eos_token: str, max_length: 
     return {"rows": len(dataset), "rows_with_eos": with_eos}
 
 
-def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: bool) -> Any:
+def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: bool, best_metric: str = "") -> Any:
+    """TRL's config for this method; `best_metric`: the task metric that picks the checkpoint (best_by=task)."""
     from trl import SFTConfig
 
     m = cfg.method
@@ -111,8 +113,8 @@ def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: 
         save_steps=save_steps,
         save_total_limit=m.save_total_limit,
         load_best_model_at_end=load_best,
-        metric_for_best_model="eval_loss" if load_best else None,
-        greater_is_better=False if load_best else None,
+        metric_for_best_model=(f"eval_{best_metric}" if best_metric else "eval_loss") if load_best else None,
+        greater_is_better=bool(best_metric) if load_best else None,
         logging_steps=m.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN must reach the divergence guard, not be averaged away
@@ -148,7 +150,10 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
     device = device_for(cfg.device)
     precision = resolve_precision(cfg.method, device)
     train_ds, eval_ds = load_datasets(cfg, run)
-    args = sft_config(cfg, run, device, precision, has_eval=eval_ds is not None)
+    scorer = ValidationScorer(cfg, run) if cfg.method.metric_examples > 0 else None
+    by_task = cfg.method.best_by == "task" and bool(scorer)
+    args = sft_config(cfg, run, device, precision, has_eval=eval_ds is not None,
+                      best_metric=scorer.metric if by_task else "")
     tokenizer = load_tokenizer(cfg.model)
     model, peft_config = build_model(cfg, device, precision)
     callbacks = [ProgressLog(), DivergenceGuard(cfg.method, precision), *(callbacks or [])]
@@ -163,6 +168,7 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
     trainer = trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
+    trainer.validation_scorer, trainer.select_by_task = (scorer or None), by_task
     steps = planned_steps(cfg.method, len(trainer.train_dataset), args.world_size)
     args.warmup_steps = warmup_steps(cfg.method, steps)
     # TRL casts the LoRA weights of a 4-bit model to bf16, but resuming reloads them in fp32 (PEFT's
@@ -227,6 +233,12 @@ def train(cfg: Config, run: RunDir) -> dict:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _check_finite(trainer)
         save_final(trainer, run)
+        validation = None
+        scorer = trainer.validation_scorer
+        if main and scorer:  # the model as saved (the best checkpoint when one was loaded)
+            validation = scorer.score(trainer.model, trainer.processing_class)
+            log.info("validation %s = %.4f on %d rows (%.1fs)", scorer.metric, validation[scorer.metric],
+                     len(scorer.rows), validation["seconds"])
         history = trainer.state.log_history
         if main:
             write_json_atomic(run.train_log_path, history, indent=1)
@@ -241,6 +253,7 @@ def train(cfg: Config, run: RunDir) -> dict:
             "train_loss": result.training_loss if math.isfinite(result.training_loss) else None,
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "tokens_per_second": progress.tokens_per_second(),
+            "validation": validation,  # the task metric on validation rows (method.metric_examples)
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
             **_summary_metrics(history),
         }

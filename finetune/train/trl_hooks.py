@@ -1,4 +1,5 @@
-"""Our one change to TRL's SFTTrainer: the LM head scores only the completion positions on every device.
+"""Our changes to TRL's SFTTrainer: the LM head scores only the completion positions on every device, and
+evaluation can add the task's own metric on validation rows (finetune.train.selection).
 
 TRL 1.16 projects through the 49k-vocabulary head (log-probs, entropy, top-1, in chunks) only where the label
 is not -100 on CUDA/XPU, but at EVERY position elsewhere, to keep tile shapes static for Neuron's compiler.
@@ -48,6 +49,22 @@ def trainer_class() -> type:
         _install_compact_lm_head()
 
         class FinetuneSFTTrainer(SFTTrainer):
+            validation_scorer = None  # finetune.train.selection.ValidationScorer (method.metric_examples > 0)
+            select_by_task = False  # method.best_by=task: every evaluation also scores the task metric
+
+            def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+                """The validation loss, plus the task's metric on validation rows when checkpoints are chosen by it."""
+                metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+                scorer = self.validation_scorer
+                if self.select_by_task and scorer and eval_dataset is None and metric_key_prefix == "eval":
+                    result = scorer.score(self.model, self.processing_class)
+                    extra = {scorer.key: result[scorer.metric], "eval_task_seconds": result["seconds"]}
+                    metrics.update(extra)
+                    self.log(extra)
+                    log.info("eval  step %d | %s %.4f on %d validation rows | %.1fs", self.state.global_step,
+                             scorer.metric, result[scorer.metric], len(scorer.rows), result["seconds"])
+                return metrics
+
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 _COMPACT.on = True
                 try:
