@@ -51,14 +51,21 @@ def cli_run(tmp_path_factory, root):
 
 def test_cli_reevaluates_and_writes_metrics_and_report(cli_run):
     metrics = json.loads(cli_run.metrics_path.read_text())
-    assert list(metrics["models"]) == ["specialist"]
-    assert metrics["models"]["specialist"]["n"] == 4
-    assert (cli_run.predictions_dir / "specialist.jsonl").is_file()
+    # The fair specialist (a CRF trained on the 6 train rows) and usaddress's parser as a labelled reference.
+    assert list(metrics["models"]) == ["specialist", "reference-usaddress"]
+    crf, usaddress = metrics["models"]["specialist"], metrics["models"]["reference-usaddress"]
+    assert crf["baseline"] == "crf" and crf["train_rows"] == 6 and crf["train_rows_left_out"] == 0
+    assert usaddress["baseline"] == "usaddress" and "these very rows" in usaddress["note"]
+    assert crf["n"] == usaddress["n"] == 4 and crf["field_f1"] > 0.5 and usaddress["field_f1"] > 0.9
+    for name in metrics["models"]:
+        assert (cli_run.predictions_dir / f"{name}.jsonl").is_file()
     assert json.loads(cli_run.stage_marker("evaluate").read_text())["n"] == 4
     text = cli_run.report_path.read_text()
     table = parse_results_table(text)
     head = metrics["headline_metric"]
     assert float(table["specialist"][head]) == round(metrics["models"]["specialist"][head], 4)
+    assert "- `specialist`: crf, a CRF tagger" in text and "trained on 6 rows of this run's train split" in text
+    assert "- `reference-usaddress`: usaddress, " in text and "an upper bound" in text
     # The command recorded in run.json, and the data validation summary.
     command = json.loads((cli_run.root / "run.json").read_text())["command"]
     assert "evaluate.base=false" in command and command in text

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from finetune.core.config import compose
+from finetune.core.errors import ConfigError
 from finetune.data.prepare import split_task_data
+from finetune.pipeline import check_config
 from finetune.tasks import BadExample, get_task
 
 
@@ -64,6 +66,25 @@ def test_extraction_values_are_strict_beyond_case_and_spacing():
     task = task_for("task.kind=extraction", "task.fields=[A]")
     metrics, _ = task.score([{"A": "St."}, {"A": "Chicago"}], ['{"A": "St"}', '{"A": " chicago, "}'])
     assert metrics["field_f1"] == pytest.approx(0.5)  # "St" != "St."; edge comma/space/case forgiven
+
+
+def test_extraction_list_items_are_pairs_of_their_own():
+    """{type: [spans]} answers: one wrong span of three is not zero credit; order is free, repeats count."""
+    task = task_for("task.kind=extraction", "task.fields=[person,location,n]")
+    refs = [{"person": ["Ann", "Bob", "Cy"], "location": ["Paris"]}, {"person": ["Ann", "Ann"]}, {},
+            {"n": [1, 2], "person": ["", None, "Eve"]}]
+    outs = [
+        '{"person": ["bob", "Ann", "Dan"], "location": "Paris"}',  # Dan wrong, Cy missed; a string = one item
+        '{"person": ["Ann"]}',  # the second Ann missed
+        "{}",  # nothing to find, nothing found: exact
+        '{"n": [2, 1], "person": ["Eve"]}',  # non-string items compared as JSON; empty items are absent
+    ]
+    metrics, rows = task.score(refs, outs)
+    assert [(r["tp"], r["fp"], r["fn"]) for r in rows] == [(3, 1, 1), (1, 0, 1), (0, 0, 0), (3, 0, 0)]
+    assert metrics["field_precision"] == pytest.approx(7 / 8)
+    assert metrics["field_recall"] == pytest.approx(7 / 9)
+    assert metrics["exact_match"] == pytest.approx(2 / 4)
+    assert [r["correct"] for r in rows] == [False, False, True, True]
 
 
 def test_extraction_checks_and_writes_answers():
@@ -187,7 +208,7 @@ def test_input_of_reads_rows_without_an_input_field():
 
 def test_usaddress_baseline(bundled):
     task, rows = bundled["extraction"]
-    outputs = task.specialist_baseline(rows["train"], rows["test"])
+    outputs, _ = task.baseline("usaddress", rows["train"], rows["test"])
     metrics, _ = task.score([r["reference"] for r in rows["test"]], outputs)
     # usaddress's CRF was trained on this very file (test split included): close to perfect.
     assert metrics["n"] == len(rows["test"]) == 149
@@ -211,7 +232,19 @@ def test_lead_baseline(bundled):
     assert 0.12 < metrics["rougeL"] < 0.3  # measured 0.18: headlines are not first sentences
 
 
-def test_extraction_without_baseline_returns_none():
-    assert task_for("task.kind=extraction", "task.fields=[A]").specialist_baseline([], []) is None
-    with pytest.raises(ValueError, match="specialist 'lead' is not one of"):
+def test_baselines_a_task_names():
+    """The fair specialist plus reference baselines, checked when the task is built (at a run's start)."""
+    task = get_task(compose(["task=extraction"]).task)
+    assert (task.specialist, task.reference_baselines) == ("crf", ["usaddress"])
+    assert "these very rows" in task.baseline_notes["usaddress"]
+    # As before: task.specialist=<name> picks the specialist; a reference that is now the specialist is not repeated.
+    task = get_task(compose(["task=extraction", "task.specialist=usaddress"]).task)
+    assert (task.specialist, task.reference_baselines) == ("usaddress", [])
+    task = get_task(compose(["task=extraction", "task.specialist=none", "task.reference_baselines=[]"]).task)
+    assert (task.specialist, task.reference_baselines) == ("none", [])
+    assert task.specialist_baseline([], []) is None
+    assert task_for("task.kind=extraction", "task.fields=[A]").specialist == "crf"  # the kind's default
+    with pytest.raises(ConfigError, match="specialist 'lead' is not one of"):
         task_for("task.kind=extraction", "task.fields=[A]", "task.specialist=lead")
+    with pytest.raises(ConfigError, match=r"reference_baselines \['lead'\] are not baselines of kind extraction"):
+        check_config(compose(["task=extraction", "task.reference_baselines=[usaddress,lead]"]), [])

@@ -123,9 +123,13 @@ class TaskConfig:
     # dict from the command line; with a dict, `+task.json_schema={properties: {...}}` works.
     json_schema: Dict[str, Any] = field(default_factory=dict)
     labels: List[str] = field(default_factory=list)  # classification
-    # Non-LLM baseline on the test split. None: the kind's default (classification: tfidf_logreg,
-    # generation: lead = first sentence, extraction: none); "none" turns it off; "usaddress": US addresses.
+    # Non-LLM baseline on the test split, the fair one ("specialist" in metrics.json). None: the kind's
+    # default (classification: tfidf_logreg, generation: lead = first sentence, extraction: crf, a CRF
+    # tagger of the answer's spans trained on the train split); "none" turns it off.
     specialist: Optional[str] = None
+    # Further baselines of the kind to report beside it as reference points, each as "reference-<name>"
+    # (extraction: usaddress, the US-address parser trained on the bundled address data).
+    reference_baselines: List[str] = field(default_factory=list)
     max_new_tokens: int = 128
     license: str = ""
     source: str = ""
@@ -246,7 +250,7 @@ class EvaluateConfig:
     base: bool = True  # also evaluate the base model
     base_few_shot: int = 0  # k training examples in the base model's prompt
     compare: List[str] = field(default_factory=list)  # registry model names, zero/few-shot
-    specialist: bool = True  # the task's non-LLM baseline
+    specialist: bool = True  # the task's non-LLM baselines (task.specialist and task.reference_baselines)
     artifacts: bool = True  # evaluate every exported artifact in its runtime
     # The merged checkpoint too (transformers). Off by default: the merge stage already checks that its
     # logits equal the adapter's, so its greedy answers repeat the fine-tuned row at the cost of a full pass.

@@ -63,6 +63,22 @@ def results_table(metrics: dict) -> list[str]:
     return md_table(header, rows)
 
 
+def baseline_lines(metrics: dict) -> list[str]:
+    """One line per evaluated baseline: what it is and what it learnt from, so a reference point that has
+    seen the test rows is not read as a competitor."""
+    lines = []
+    for name, e in metrics["models"].items():
+        if "baseline" not in e:
+            continue
+        trained = ""
+        if isinstance(e.get("train_rows"), int):
+            trained = f"; trained on {e['train_rows']} rows of this run's train split"
+            if e.get("train_rows_left_out"):
+                trained += f" ({e['train_rows_left_out']} left out: answer values that are not spans of the input)"
+        lines.append(f"- `{name}`: {e['baseline']}, {e.get('note') or 'a non-LLM baseline'}{trained}.")
+    return lines
+
+
 def parse_results_table(text: str) -> dict[str, dict[str, str]]:
     """The results table of a report.md back as {model: {column: cell}} (for scripts and tests)."""
     lines = text.split("\n## Results\n", 1)[1].splitlines()
@@ -190,6 +206,9 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
         "server does.",
         "",
     ]
+    baselines = baseline_lines(metrics)
+    if baselines:
+        lines += ["Baselines (no language model):", ""] + baselines + [""]
     errors = [(n, e["error"]) for n, e in models.items() if "error" in e]
     if errors:
         lines += ["Could not be evaluated:", ""] + [f"- {n}: `{cell(err, 300)}`" for n, err in errors] + [""]

@@ -7,7 +7,8 @@ Evaluated, each under one name in metrics.json and predictions/<name>.jsonl (fin
                   the merge stage already proves its logits equal the adapter's)
   gguf-<QUANT>    every GGUF in the run, through llama.cpp (the runtime Ollama uses)
   <registry name> comparison models from conf/model/ (evaluate.compare), zero/few-shot
-  specialist      the task's non-LLM baseline
+  specialist      the task's non-LLM baseline (task.specialist), fitted on the train split where it learns
+  reference-<b>   each further baseline the task names as a reference point (task.reference_baselines)
 so the report shows what fine-tuning gained and what each quantization costs on the task itself.
 A failing artifact or comparison model is recorded with its error and the rest goes on.
 """
@@ -228,15 +229,25 @@ def comparison_models(s: Session) -> None:
         s.guarded(other, {"source": other}, functools.partial(s.other_model, other))
 
 
-def specialist(s: Session) -> None:
+def baselines(s: Session) -> None:
+    """The task's specialist and its reference baselines: no model, answers computed in Python."""
+    task = s.task
+    named = [("specialist", task.specialist)] if task.specialist != "none" else []
+    named += [(f"reference-{b}", b) for b in task.reference_baselines]
+    for entry, name in named:
+        info = {"runtime": "python", "few_shot": 0, "baseline": name, "note": task.baseline_notes.get(name, "")}
+        s.guarded(entry, info, functools.partial(_baseline, s, entry, name, info))
+
+
+def _baseline(s: Session, entry: str, name: str, info: dict) -> None:
     t0 = time.perf_counter()
-    outputs = s.task.specialist_baseline(s.train_rows, s.rows)
-    if outputs is None:
+    result = s.task.baseline(name, s.train_rows, s.rows)
+    if result is None:  # does not apply to this data; the task logged why
         return
+    outputs, extra = result
     per = (time.perf_counter() - t0) / max(len(s.rows), 1)
-    s.record("specialist", [Generation(o, 0, per, stopped=True, batch=i) for i, o in enumerate(outputs)],
-             {"runtime": "python", "few_shot": 0})
-    s.models["specialist"].update(tokens_per_s=None, generated_tokens_mean=None, stopped_fraction=None)
+    s.record(entry, [Generation(o, 0, per, stopped=True, batch=i) for i, o in enumerate(outputs)], {**info, **extra})
+    s.models[entry].update(tokens_per_s=None, generated_tokens_mean=None, stopped_fraction=None)
 
 
 def evaluate(cfg: Config, run: RunDir) -> dict:
@@ -257,7 +268,7 @@ def evaluate(cfg: Config, run: RunDir) -> dict:
             artifacts(s)
         comparison_models(s)
         if cfg.evaluate.specialist:
-            specialist(s)
+            baselines(s)
     return write_results(s)
 
 

@@ -4,7 +4,8 @@
     task.parse(text) -> parsed answer or None      (forgiving: fences, stray text, case)
     task.score(references, outputs) -> (metrics, rows)   (strict: see each kind's module)
     task.headline_metric -> "field_f1" | "macro_f1" | "rougeL"
-    task.specialist_baseline(train_rows, test_rows) -> list[str] | None
+    task.baseline(name, train_rows, test_rows) -> (answers, info) | None   (name: task.specialists)
+    task.specialist_baseline(train_rows, test_rows) -> list[str] | None   (task.specialist's answers)
 
 A new task of an existing kind needs only conf/task/<name>.yaml; a new kind adds a module here.
 """

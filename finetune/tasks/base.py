@@ -7,6 +7,7 @@ answer is parsed (`parse`, forgiving), and how it is scored (`score`, strict).
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from typing import Any
@@ -37,6 +38,14 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+def normalize_value(value: Any) -> str:
+    """An extraction value as scoring compares it: text normalized and stripped of edge spaces, commas
+    and semicolons; any other value as canonical JSON."""
+    if isinstance(value, str):
+        return normalize_text(value).strip(" ,;")
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
 def f1(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
@@ -45,6 +54,7 @@ class Task:
     kind = ""
     headline_metric = ""
     specialists: tuple[str, ...] = ()  # baselines this kind offers; the first is the default
+    baseline_notes: dict[str, str] = {}  # what each baseline is, for the report
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -58,6 +68,15 @@ class Task:
                 f"task {self.name}: specialist {self.specialist!r} is not one of {['none', *self.specialists]} "
                 f"for kind {self.kind}"
             )
+        references = [str(b) for b in (cfg.reference_baselines or [])]
+        unknown = [b for b in references if b not in self.specialists]
+        if unknown:
+            raise ConfigError(
+                f"task {self.name}: reference_baselines {unknown} are not baselines of kind {self.kind} "
+                f"(choose from {list(self.specialists)}, or task.reference_baselines=[])"
+            )
+        # One that is already the specialist is evaluated once, as the specialist.
+        self.reference_baselines = [b for b in dict.fromkeys(references) if b != self.specialist]
         try:
             self.prompt_template.format(input="")
         except (KeyError, IndexError, ValueError) as exc:
@@ -106,6 +125,14 @@ class Task:
     def score(self, references: list, outputs: list[str]) -> tuple[dict[str, float], list[dict]]:
         raise NotImplementedError
 
+    def baseline(self, name: str, train_rows: list[dict], test_rows: list[dict]) -> tuple[list[str], dict] | None:
+        """Answers of the named baseline (one of `specialists`) on test_rows, fitted on train_rows where it
+        learns, and what to record about it; None when it cannot be applied to this data."""
+        raise ConfigError(f"task {self.name}: kind {self.kind} has no baseline {name!r}")
+
     def specialist_baseline(self, train_rows: list[dict], test_rows: list[dict]) -> list[str] | None:
-        """Outputs of the task's non-LLM baseline on test_rows; None when the task has none."""
-        return None
+        """Answers of the task's specialist on test_rows; None when it has none or it does not apply."""
+        if self.specialist == "none":
+            return None
+        result = self.baseline(self.specialist, train_rows, test_rows)
+        return None if result is None else result[0]

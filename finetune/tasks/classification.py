@@ -27,6 +27,7 @@ class ClassificationTask(Task):
     kind = "classification"
     headline_metric = "macro_f1"
     specialists = ("tfidf_logreg",)
+    baseline_notes = {"tfidf_logreg": "TF-IDF word 1-2-grams + logistic regression"}
 
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
@@ -94,21 +95,22 @@ class ClassificationTask(Task):
         return metrics, rows
 
     # ---- baseline -----------------------------------------------------------------------
-    def specialist_baseline(self, train_rows: list[dict], test_rows: list[dict]) -> list[str] | None:
-        """TF-IDF word 1-2-grams + logistic regression, fitted on the train split."""
-        if self.specialist == "none":
-            return None
+    def baseline(self, name: str, train_rows: list[dict], test_rows: list[dict]) -> tuple[list[str], dict] | None:
+        """tfidf_logreg: TF-IDF word 1-2-grams + logistic regression, fitted on the train split."""
+        if name != "tfidf_logreg":
+            return super().baseline(name, train_rows, test_rows)
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
 
         texts = [self.input_of(r) for r in train_rows]
         labels = [r["reference"] for r in train_rows]
+        info = {"train_rows": len(train_rows)}
         if len(set(labels)) < 2:
-            return [labels[0] if labels else self.labels[0]] * len(test_rows)
+            return [labels[0] if labels else self.labels[0]] * len(test_rows), info
         model = make_pipeline(
             TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
             LogisticRegression(C=10.0, solver="liblinear"),
         )
         model.fit(texts, labels)
-        return [str(p) for p in model.predict([self.input_of(r) for r in test_rows])]
+        return [str(p) for p in model.predict([self.input_of(r) for r in test_rows])], info

@@ -29,6 +29,7 @@ class GenerationTask(Task):
     kind = "generation"
     headline_metric = "rougeL"
     specialists = ("lead",)
+    baseline_notes = {"lead": "the input's first sentence"}
 
     # ---- data -------------------------------------------------------------------------
     def check_output(self, value: Any) -> str:
@@ -70,7 +71,7 @@ class GenerationTask(Task):
         return metrics, rows
 
     # ---- baseline -----------------------------------------------------------------------
-    def specialist_baseline(self, train_rows: list[dict], test_rows: list[dict]) -> list[str] | None:
-        if self.specialist == "none":
-            return None
-        return [first_sentence(self.input_of(row)) for row in test_rows]
+    def baseline(self, name: str, train_rows: list[dict], test_rows: list[dict]) -> tuple[list[str], dict] | None:
+        if name != "lead":
+            return super().baseline(name, train_rows, test_rows)
+        return [first_sentence(self.input_of(row)) for row in test_rows], {}
