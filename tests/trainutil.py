@@ -19,6 +19,7 @@ CITIES = [("Springfield", "IL"), ("Portland", "OR"), ("Austin", "TX"), ("Madison
 
 # A few optimizer steps on short rows: seconds per run on 2 CPU cores, but every real component.
 TINY = [
+    "method=qlora",  # the product's default method for bigger models (SmolLM2's own default is full; tested apart)
     "method.max_steps=4",
     "method.batch_size=2",
     "method.max_length=128",

@@ -169,8 +169,8 @@ class MethodConfig:
     optim: str = "adamw_torch"
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
-    # On a CPU: train for this many minutes (the steps that fit, timed on the first steps, schedule fitted to
-    # them; never more than epochs/max_steps allow). None: train epochs/max_steps. A GPU trains whole epochs.
+    # On a CPU, with max_steps=-1: train for this many minutes (the steps that fit, timed on the first steps,
+    # schedule fitted to them; never more than `epochs` allow). None: whole epochs. A GPU trains whole epochs.
     budget_minutes: Optional[float] = None
     batch_size: int = 8  # per device
     grad_accum: int = 1
@@ -321,7 +321,10 @@ def model_config(name: str) -> ModelConfig:
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"no model {name!r} in {path.parent}; known: {', '.join(model_names())}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+    node = OmegaConf.load(path)
+    if "defaults" in node:  # a model that picks its recommended method is written in the global package
+        node = node.model
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
 
 
 def value_problems(cfg: Config) -> list[str]:

@@ -189,6 +189,10 @@ def time_budget(method: MethodConfig, device: str, run: RunDir) -> TimeBudget | 
     """The callback that sizes training by method.budget_minutes (CPU only: a GPU trains whole epochs)."""
     if method.budget_minutes is None:
         return None
+    if method.max_steps > 0:  # a step count given by the user is what they get
+        log.info("method.max_steps=%d: trained as given, method.budget_minutes=%s not applied", method.max_steps,
+                 method.budget_minutes)
+        return None
     if device != "cpu":
         log.info("method.budget_minutes=%s applies on a CPU; on %s training runs method.epochs / max_steps",
                  method.budget_minutes, device)
