@@ -241,6 +241,13 @@ class EvaluateConfig:
     compare: List[str] = field(default_factory=list)  # registry model names, zero/few-shot
     specialist: bool = True  # the task's non-LLM baseline
     artifacts: bool = True  # evaluate every exported artifact in its runtime
+    # Decode every model under the task's answer constraint (extraction: its JSON schema, classification: its
+    # label set; finetune.tasks.grammar), as a deployment would. Generation tasks have none.
+    constrained: bool = True
+    # Models also evaluated without the constraint, as "<name>-unconstrained", so the report shows what the
+    # constraint changes: names or globs of evaluated models (base, finetuned, merged, gptq, gguf-*, a
+    # compare model); [] for none. One extra generation pass each.
+    unconstrained: List[str] = field(default_factory=lambda: ["finetuned"])
     n_threads: Optional[int] = None  # generation threads (torch and llama.cpp); None = all cores
 
 

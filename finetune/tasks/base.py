@@ -13,6 +13,7 @@ from typing import Any
 
 from finetune.core.config import TaskConfig
 from finetune.core.errors import ConfigError
+from finetune.tasks.grammar import Constraint, gbnf_grammar
 
 
 class BadExample(ValueError):
@@ -103,3 +104,12 @@ class Task:
     def specialist_baseline(self, train_rows: list[dict], test_rows: list[dict]) -> list[str] | None:
         """Outputs of the task's non-LLM baseline on test_rows; None when the task has none."""
         return None
+
+    # ---- constrained decoding (finetune.tasks.grammar) ---------------------------------------
+    def answer_constraint(self) -> Constraint:
+        """What a valid answer is, for constrained decoding: a JSON schema dict, a label list, or None."""
+        return None
+
+    def answer_grammar(self) -> str | None:
+        """The GBNF grammar every runtime decodes under (None: free text)."""
+        return gbnf_grammar(self.answer_constraint())

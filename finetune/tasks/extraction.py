@@ -116,6 +116,22 @@ class ExtractionTask(Task):
         ordered = {k: reference[k] for k in self.fields if k in reference}
         return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
 
+    def answer_constraint(self) -> dict:
+        """The JSON schema of an answer: every field optional, in the task's field order (the order the
+        trained answers write, and the order llama.cpp's schema grammar allows them in), no other keys.
+        Value types come from task.json_schema where it gives them, else string; an array holds strings
+        unless the schema says what its items are."""
+        declared = self.schema.get("properties") or {}
+        properties = {}
+        for key in self.fields:
+            kind = self.types.get(key, "string")
+            prop: dict[str, Any] = {"type": kind}
+            if kind == "array" or (isinstance(kind, list) and "array" in kind):
+                items = declared[key].get("items") if isinstance(declared.get(key), dict) else None
+                prop["items"] = items if isinstance(items, dict) else {"type": "string"}
+            properties[key] = prop
+        return {"type": "object", "properties": properties, "additionalProperties": False}
+
     # ---- answers ----------------------------------------------------------------------
     def parse(self, text: str) -> dict | None:
         return parse_json_object(text or "")

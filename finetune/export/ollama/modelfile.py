@@ -24,6 +24,7 @@ from finetune.core.rundir import RunDir, comment_safe, ollama_model_name, quant_
 from finetune.export.ollama.checks import check_rendering, check_stops
 from finetune.export.ollama.gotemplate import render_modelfile
 from finetune.export.ollama.template import ollama_template
+from finetune.export.ollama.usage import modelfile_comment, write_constraint_files
 from finetune.export.samples import sample_conversations
 from finetune.models.loading import saved_tokenizer
 from finetune.runtimes.llamacpp import gguf_adds_bos, open_gguf, served_tokens
@@ -81,6 +82,7 @@ def modelfile_text(cfg: Config, tokenizer: Any, gguf: Path, system: str, bos_add
                      f"written by finetune."),
         comment_safe(f"# ollama create {shlex.quote(ollama_name(cfg, quant_of(gguf)))} -f "
                      f"{shlex.quote(gguf.parent.name + '/Modelfile.' + quant_of(gguf))}"),
+        *[comment_safe(f"# {line}") for line in modelfile_comment(cfg, quant_of(gguf))],
         f"FROM {_quoted('FROM', './' + gguf.name)}",
         f"TEMPLATE {_quoted('TEMPLATE', template)}",
     ]
@@ -153,7 +155,7 @@ def write_modelfiles(cfg: Config, run: RunDir) -> dict:
     clean_stale(run.gguf_dir, "Modelfile")
     tokenizer = saved_tokenizer(cfg.model, run.merged_dir)
     system = cfg.task.system_prompt or ""
-    summary: dict[str, Any] = {"modelfiles": {}}
+    summary: dict[str, Any] = {"modelfiles": {}, "constraint_files": [str(p) for p in write_constraint_files(cfg, run)]}
     for gguf in ggufs:
         quant = quant_of(gguf)
         final = run.modelfile_path(quant)
