@@ -73,15 +73,15 @@ def constraint_lines(metrics: dict) -> list[str]:
     what = ("the task's JSON schema (keys from its field list, in that order)" if kind == "json_schema"
             else f"one of the labels {constraint.get('labels')}")
     lines = [f"Answers were constrained to {what}: llama.cpp's GBNF grammar of it, in llama.cpp natively and in "
-             f"transformers through llguidance (`generation.grammar` in metrics.json)."]
+             f"transformers through llguidance (`generation.grammar` in metrics.json).", ""]
     head, models = metrics["headline_metric"], metrics["models"]
     for name, entry in models.items():
         free = models.get(f"{name}-unconstrained", {}).get(head)
         held = entry.get(head)
         if isinstance(free, (int, float)) and isinstance(held, (int, float)):
-            lines.append(f"Constraints moved {name}'s {head} from {fmt(free)} (unconstrained) to {fmt(held)} "
+            lines.append(f"- Constraints moved {name}'s {head} from {fmt(free)} (unconstrained) to {fmt(held)} "
                          f"({held - free:+.4f}).")
-    return lines + [""]
+    return lines + [""] if lines[-1] else lines
 
 
 def parse_results_table(text: str) -> dict[str, dict[str, str]]:
