@@ -78,8 +78,11 @@ STAGES: list[Stage] = [
     Stage("gptq", quantize, requires=["merge"], config=["export.gptq"], outputs=lambda cfg, run: [run.gptq_dir]),
     Stage("gguf", export_gguf, requires=["merge"], config=["export.gguf", "export.verify"],
           outputs=lambda cfg, run: run.gguf_files(cfg.model.name, cfg.task.name)),
-    Stage("ollama", write_modelfiles, requires=["gguf"], config=["export.ollama", "export.verify", "task.system_prompt"],
-          outputs=lambda cfg, run: sorted(run.gguf_dir.glob("Modelfile.*")) if run.gguf_dir.is_dir() else []),
+    Stage("ollama", write_modelfiles, requires=["gguf"],
+          config=["export.ollama", "export.verify", "task.system_prompt", "task.prompt_template", "task.kind",
+                  "task.fields", "task.json_schema", "task.labels"],
+          outputs=lambda cfg, run: (sorted(run.gguf_dir.glob("Modelfile.*")) if run.gguf_dir.is_dir() else [])
+          + [p for p in (run.answer_schema_path, run.answer_grammar_path) if p.is_file()]),
     Stage("evaluate", evaluate, requires=["data"], always_rerun=True),
 ]
 BY_NAME = {s.name: s for s in STAGES}

@@ -107,9 +107,15 @@ def test_metrics_json_has_every_model(tiny_run):
     metrics = json.loads(run.metrics_path.read_text())
     task = get_task(cfg.task)
     assert metrics["task"] == "extraction" and metrics["headline_metric"] == task.headline_metric
-    assert list(metrics["models"]) == ["base", "finetuned", "merged", "gguf-Q4_1", "specialist", "reference-usaddress"]
+    # Every model decodes under the task's JSON schema; the fine-tuned one once more without it.
+    assert list(metrics["models"]) == ["base", "finetuned", "finetuned-unconstrained", "merged", "gguf-Q4_1",
+                                       "specialist", "reference-usaddress"]
+    assert metrics["generation"]["constraint"] == {"kind": "json_schema", "schema": task.answer_constraint()}
+    assert metrics["generation"]["grammar"] == task.answer_grammar()
     for name, entry in metrics["models"].items():
         assert "error" not in entry, entry
+        if name != "specialist":
+            assert entry["constraint"] == ("none" if name.endswith("-unconstrained") else "json_schema"), name
         assert entry["n"] == 4
         assert 0.0 <= entry[task.headline_metric] <= 1.0
         assert entry["latency_s_mean"] > 0
@@ -156,7 +162,9 @@ def test_report_numbers_are_the_metrics_json_numbers(tiny_run):
         assert int(table[name]["n"]) == entry["n"]
         if entry["tokens_per_s"] is not None:
             assert float(table[name]["tokens/s"]) == pytest.approx(entry["tokens_per_s"], abs=0.006)
+    assert table["finetuned"]["constraint"] == "json_schema" and table["finetuned-unconstrained"]["constraint"] == "none"
     text = run.report_path.read_text()
+    assert "Constraints moved finetuned's field_f1 from" in text
     assert f"python -m finetune run_dir={run.root}" in text  # the command from run.json
     assert "smollm2-extraction-Q4_1.gguf" in text and "adapter/" in text
     assert (run.plots_dir / "loss.png").stat().st_size > 1000

@@ -130,6 +130,18 @@ def test_extraction_keeps_the_datas_key_order_not_the_field_lists():
         task.check_output({"street": "x"})
 
 
+def test_extraction_learns_value_types_so_the_constraint_admits_lists_of_spans():
+    task = task_for("task.kind=extraction")
+    learned = task.learn_from_train([{"person": ["Ann", "Bob"], "year": 2020}, {"person": ["Cy"], "city": "Oslo"}])
+    assert learned["field_types"] == {"person": {"type": "array", "items": {"type": "string"}},
+                                      "year": {"type": "integer"}, "city": {"type": "string"}}
+    schema = task.answer_constraint()
+    assert list(schema["properties"]) == task.fields == ["person", "year", "city"]
+    assert schema["properties"]["person"] == {"type": "array", "items": {"type": "string"}}
+    with pytest.raises(BadExample, match="should be array"):
+        task.check_output({"person": "Ann"})
+
+
 @pytest.mark.parametrize("answers, order", [
     ([["a", "b", "c"], ["b", "c"], ["a", "c"]], ["a", "b", "c"]),          # consistent: exactly that order
     ([["c"], ["a", "b"], ["b", "c"]], ["a", "b", "c"]),                    # first seen is not first in order

@@ -255,6 +255,13 @@ class EvaluateConfig:
     # The merged checkpoint too (transformers). Off by default: the merge stage already checks that its
     # logits equal the adapter's, so its greedy answers repeat the fine-tuned row at the cost of a full pass.
     merged: bool = False
+    # Decode every model under the task's answer constraint (extraction: its JSON schema, classification: its
+    # label set; finetune.tasks.grammar), as a deployment would. Generation tasks have none.
+    constrained: bool = True
+    # Models also evaluated without the constraint, as "<name>-unconstrained", so the report shows what the
+    # constraint changes: names or globs of evaluated models (base, finetuned, merged, gptq, gguf-*, a
+    # compare model); [] for none. One extra generation pass each.
+    unconstrained: List[str] = field(default_factory=lambda: ["finetuned"])
     n_threads: Optional[int] = None  # generation threads (torch and llama.cpp); None = all cores
 
 

@@ -5,7 +5,7 @@
       stages/<stage>.json          the summary of a finished stage (its "done" marker)
       data/{train,validation,test}.jsonl  data/validation_report.json
       checkpoints/  adapter/  train_log.json  tracking.json
-      merged/  gptq/  gguf/<model>-<task>-<QUANT>.gguf  gguf/Modelfile.<QUANT>
+      merged/  gptq/  gguf/<model>-<task>-<QUANT>.gguf  gguf/Modelfile.<QUANT>  gguf/schema.json  gguf/answer.gbnf
       predictions/<name>.jsonl  metrics.json  report.md  plots/
 """
 
@@ -108,6 +108,14 @@ class RunDir:
 
     def modelfile_path(self, quant: str) -> Path:
         return self.gguf_dir / f"Modelfile.{quant}"
+
+    @property
+    def answer_schema_path(self) -> Path:  # the JSON schema a user passes as Ollama's `format`
+        return self.gguf_dir / "schema.json"
+
+    @property
+    def answer_grammar_path(self) -> Path:  # the GBNF grammar for llama.cpp's --grammar-file
+        return self.gguf_dir / "answer.gbnf"
 
     # ---- evaluation
     @property

@@ -26,10 +26,14 @@ from finetune.tasks import Task, get_task
 def run_task(cfg_task: TaskConfig, run: RunDir) -> Task:
     """The task as the data stage settled it for this run (extraction: the field list in the data's key
     order, learned from the training answers), so later stages ask for the answers the model was trained on."""
-    fields = None
-    if run.validation_report_path.is_file():
-        fields = json.loads(run.validation_report_path.read_text()).get("fields")
-    return get_task(dataclasses.replace(cfg_task, fields=list(fields)) if fields else cfg_task)
+    if not run.validation_report_path.is_file():
+        return get_task(cfg_task)
+    report = json.loads(run.validation_report_path.read_text())
+    if not report.get("fields"):
+        return get_task(cfg_task)
+    schema = dict(cfg_task.json_schema or {})
+    schema["properties"] = {**(report.get("field_types") or {}), **(schema.get("properties") or {})}
+    return get_task(dataclasses.replace(cfg_task, fields=list(report["fields"]), json_schema=schema))
 
 
 def render_row(task: Task, example: Example) -> dict:

@@ -4,8 +4,9 @@ how a model's answers become them (score), and the formatting every table of the
     metrics.json   {"task", "task_kind", "headline_metric", "model", "method", "n", "generation": {...},
                     "models": {name: {<task metrics, e.g. field_f1>, "n", "latency_s_mean", "tokens_per_s",
                                       "generated_tokens_mean", "stopped_fraction", "seconds", "runtime",
-                                      "source", "few_shot", ["size_bytes"], baselines: ["baseline",
-                                      "note", "train_rows", "train_rows_left_out"]} | {"error": "...", ...}}}
+                                      "constraint" (json_schema | labels | none), "source", "few_shot",
+                                      ["size_bytes"], baselines: ["baseline", "note", "train_rows",
+                                      "train_rows_left_out"]} | {"error": "...", ...}}}
     predictions/<name>.jsonl   id, input, expected, reference, output (raw), the task's score row
                                (parsed, correct, ...), n_tokens, latency_s, stopped
 Re-scoring a predictions file with task.score(references, outputs) gives that model's metrics.
@@ -23,7 +24,7 @@ from finetune.runtimes.generation import Generation
 
 # Keys of a metrics.json model entry that describe the run, not the task metric.
 SPEED_KEYS = ["latency_s_mean", "tokens_per_s", "generated_tokens_mean", "stopped_fraction", "seconds"]
-INFO_KEYS = ["n", "runtime", "source", "few_shot", "batch_size", "n_ctx", "size_bytes", "error",
+INFO_KEYS = ["n", "runtime", "constraint", "source", "few_shot", "batch_size", "n_ctx", "size_bytes", "error",
              "baseline", "note", "train_rows", "train_rows_left_out"]
 
 

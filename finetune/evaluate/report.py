@@ -44,7 +44,8 @@ def results_table(metrics: dict) -> list[str]:
     head = metrics["headline_metric"]
     tuned = metrics["models"].get("finetuned", {}).get(head)
     delta = [f"Δ {head}"] if isinstance(tuned, (int, float)) else []
-    header = ["model", "runtime", "few-shot", "n", *cols, *delta, "stopped", "s/example", "tokens/s", "size"]
+    header = ["model", "runtime", "constraint", "few-shot", "n", *cols, *delta, "stopped", "s/example", "tokens/s",
+              "size"]
     rows = []
     for name, e in metrics["models"].items():
         if "error" in e:
@@ -55,7 +56,7 @@ def results_table(metrics: dict) -> list[str]:
         if delta:
             change = [f"{value - tuned:+.4f}" if isinstance(value, (int, float)) and name != "finetuned" else ""]
         rows.append(
-            [name, e.get("runtime", ""), fmt(e.get("few_shot")), fmt(e.get("n"))]
+            [name, e.get("runtime", ""), fmt(e.get("constraint")), fmt(e.get("few_shot")), fmt(e.get("n"))]
             + [fmt(e.get(c)) for c in cols]
             + change
             + [fmt(e.get("stopped_fraction")), fmt(e.get("latency_s_mean"), 2), fmt(e.get("tokens_per_s"), 2), size]
@@ -77,6 +78,26 @@ def baseline_lines(metrics: dict) -> list[str]:
                 trained += f" ({e['train_rows_left_out']} left out: answer values that are not spans of the input)"
         lines.append(f"- `{name}`: {e['baseline']}, {e.get('note') or 'a non-LLM baseline'}{trained}.")
     return lines
+
+
+def constraint_lines(metrics: dict) -> list[str]:
+    """How answers were constrained, and what the constraint changed for each model also run without it."""
+    constraint = metrics.get("generation", {}).get("constraint") or {}
+    kind = constraint.get("kind", "none")
+    if kind == "none":
+        return ["Decoding was not constrained (evaluate.constrained=false, or a free-text task).", ""]
+    what = ("the task's JSON schema (keys from its field list, in that order)" if kind == "json_schema"
+            else f"one of the labels {constraint.get('labels')}")
+    lines = [f"Answers were constrained to {what}: llama.cpp's GBNF grammar of it, in llama.cpp natively and in "
+             f"transformers through llguidance (`generation.grammar` in metrics.json).", ""]
+    head, models = metrics["headline_metric"], metrics["models"]
+    for name, entry in models.items():
+        free = models.get(f"{name}-unconstrained", {}).get(head)
+        held = entry.get(head)
+        if isinstance(free, (int, float)) and isinstance(held, (int, float)):
+            lines.append(f"- Constraints moved {name}'s {head} from {fmt(free)} (unconstrained) to {fmt(held)} "
+                         f"({held - free:+.4f}).")
+    return lines + [""] if lines[-1] else lines
 
 
 def parse_results_table(text: str) -> dict[str, dict[str, str]]:
@@ -194,12 +215,14 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
     base, tuned = models.get("base", {}).get(head), models.get("finetuned", {}).get(head)
     if isinstance(base, (int, float)) and isinstance(tuned, (int, float)):
         lines += [f"Fine-tuning moved {head} from {fmt(base)} (base) to {fmt(tuned)} ({tuned - base:+.4f}).", ""]
+    lines += constraint_lines(metrics)
 
     delta = (f"`Δ {head}`: difference to the fine-tuned model (what fine-tuning gained, what an export costs). "
              if isinstance(tuned, (int, float)) else "")
     lines += ["## Results", ""] + results_table(metrics) + [
         "",
-        delta + "`few-shot`: training examples in the prompt. `stopped`: share of answers that ended on a stop "
+        delta + "`constraint`: what decoding was held to (json_schema: the task's JSON schema; labels: one of "
+        "the task's labels; none: free). `few-shot`: training examples in the prompt. `stopped`: share of answers that ended on a stop "
         "token (the rest hit max_new_tokens). `s/example`: wall time until an answer was ready (a whole batch "
         "for transformers). `tokens/s`: generated tokens (up to each answer's stop) per second of generation; "
         "a transformers batch runs until its longest answer ends, llama.cpp answers one prompt at a time as a "

@@ -10,11 +10,15 @@ Evaluated, each under one name in metrics.json and predictions/<name>.jsonl (fin
   specialist      the task's non-LLM baseline (task.specialist), fitted on the train split where it learns
   reference-<b>   each further baseline the task names as a reference point (task.reference_baselines)
 so the report shows what fine-tuning gained and what each quantization costs on the task itself.
+Every model decodes under the task's answer constraint (evaluate.constrained: the GBNF grammar of
+finetune.tasks.grammar, in llama.cpp natively and in transformers through llguidance), and the models
+that evaluate.unconstrained names (default: finetuned) once more without it, as <name>-unconstrained.
 A failing artifact or comparison model is recorded with its error and the rest goes on.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import gc
 import logging
@@ -43,6 +47,7 @@ from finetune.runtimes.generation import Generation, Sampling
 from finetune.runtimes.llamacpp import generate_llama_cpp
 from finetune.runtimes.transformers import generate_transformers
 from finetune.tasks import Task
+from finetune.tasks.grammar import describe
 from finetune.train.tracking import log_results
 
 log = logging.getLogger("finetune")
@@ -113,6 +118,18 @@ class Session:
         self.dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         self.models: dict[str, dict] = {}
         self.predictions: dict[str, list[dict]] = {}
+        constraint = task.answer_constraint() if cfg.evaluate.constrained else None
+        self.constraint = describe(constraint)
+        self.grammar = task.answer_grammar() if constraint is not None else None
+
+    def passes(self, name: str) -> list[tuple[str, str | None, str]]:
+        """(name, grammar, constraint kind) of each generation pass of a model: constrained, and unconstrained
+        as well when evaluate.unconstrained names it."""
+        kind = self.constraint["kind"]
+        out = [(name, self.grammar, kind)]
+        if self.grammar is not None and any(fnmatch.fnmatchcase(name, p) for p in self.cfg.evaluate.unconstrained):
+            out.append((f"{name}-unconstrained", None, "none"))
+        return out
 
     def shots(self) -> list[dict]:
         return pick_shots(self.train_rows, self.cfg.evaluate.base_few_shot, self.cfg.method.seed)
@@ -140,10 +157,11 @@ class Session:
                      shots: list[dict] = ()) -> None:
         prompts = self.prompts(tokenizer, model_cfg, list(shots))
         batch_size = self.cfg.evaluate.batch_size
-        outputs = generate_transformers(model, tokenizer, prompts, list(model_cfg.stop_tokens), self.sampling,
-                                        batch_size=batch_size)
-        self.record(name, outputs, {"runtime": "transformers", "few_shot": len(shots), "batch_size": batch_size,
-                                    **info})
+        for pass_name, grammar, kind in self.passes(name):
+            outputs = generate_transformers(model, tokenizer, prompts, list(model_cfg.stop_tokens), self.sampling,
+                                            batch_size=batch_size, grammar=grammar)
+            self.record(pass_name, outputs, {"runtime": "transformers", "constraint": kind, "few_shot": len(shots),
+                                             "batch_size": batch_size, **info})
 
     def hf_checkpoint(self, name: str, path: Path, info: dict) -> None:
         model_cfg = self.cfg.model
@@ -162,9 +180,12 @@ class Session:
         prompts = self.prompts(tokenizer, model_cfg, [])
         longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
         n_ctx = -(-(longest + self.sampling.max_new_tokens + 16) // 256) * 256
-        outputs = generate_llama_cpp(path, prompts, list(model_cfg.stop_tokens), self.sampling, n_ctx=n_ctx,
-                                     n_threads=self.cfg.evaluate.n_threads, bos_token=tokenizer.bos_token)
-        self.record(name, outputs, {"runtime": "llama.cpp", "few_shot": 0, "n_ctx": n_ctx, **info})
+        for pass_name, grammar, kind in self.passes(name):
+            outputs = generate_llama_cpp(path, prompts, list(model_cfg.stop_tokens), self.sampling, n_ctx=n_ctx,
+                                         n_threads=self.cfg.evaluate.n_threads, bos_token=tokenizer.bos_token,
+                                         grammar=grammar)
+            self.record(pass_name, outputs, {"runtime": "llama.cpp", "constraint": kind, "few_shot": 0,
+                                             "n_ctx": n_ctx, **info})
 
     def other_model(self, name: str) -> None:
         """A registry model (evaluate.compare), zero/few-shot like the base model."""
@@ -287,6 +308,8 @@ def write_results(s: Session) -> dict:
             **({"temperature": s.sampling.temperature, "top_p": s.sampling.top_p} if s.sampling.do_sample else {}),
             "device": s.device,
             "threads": int(cfg.evaluate.n_threads or cpu_threads()),
+            "constraint": s.constraint,  # what "constraint": <kind> in a model's entry enforced
+            **({"grammar": s.grammar} if s.grammar is not None else {}),
         },
         "models": s.models,
     }

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from finetune.core.config import Config
 from finetune.core.rundir import SPLITS, RunDir, ollama_model_name
+from finetune.export.ollama.usage import curl_command, format_note, llama_cpp_grammar_args, python_call
 
 
 def _count_rows(path: Path) -> int | None:
@@ -29,6 +30,23 @@ def _metrics_table(run: RunDir) -> list[str]:
         score = f"{score:.4f}" if isinstance(score, float) else str(score)
         tps = entry.get("tokens_per_s")
         lines.append(f"| {name} | {score} | {'' if tps is None else f'{tps:.1f}'} |")
+    return lines
+
+
+def constrained_lines(cfg: Config, run: RunDir, quant: str) -> list[str]:
+    """How to get answers held to the task's constraint, as the evaluation decoded them."""
+    curl = curl_command(cfg, quant, run)
+    if curl is None:
+        return []
+    lines = ["", "### Constrained answers", "",
+             f"The evaluation decodes under the task's answer constraint; ask Ollama for the same by passing "
+             f"`{run.answer_schema_path}` (written with the Modelfiles) as `format`:", "",
+             "```sh", curl, "```", "", "```python", *python_call(cfg, quant, str(run.answer_schema_path)), "```", ""]
+    note = format_note(cfg, run)
+    if note:
+        lines += [note, ""]
+    lines.append(f"llama.cpp takes the grammar itself: `{llama_cpp_grammar_args(str(run.answer_grammar_path))}` "
+                 f"(as in the llama-cli line above).")
     return lines
 
 
@@ -102,9 +120,11 @@ def model_card(cfg: Config, run: RunDir, merge_info: dict) -> str:
         "",
         "```sh",
         f"llama-cli -m {shlex.quote(str(run.gguf_path(m.name, t.name, quant)))} -cnv --temp 0"
-        + (f" -sys {shlex.quote(system)}" if system else ""),
+        + (f" -sys {shlex.quote(system)}" if system else "")
+        + (f" {llama_cpp_grammar_args(str(run.answer_grammar_path))}" if curl_command(cfg, quant, run) else ""),
         "```",
     ]
+    lines += constrained_lines(cfg, run, quant)
     if cfg.export.gptq:
         lines += ["", f"A 4-bit GPTQ checkpoint is in `{run.gptq_dir}` (transformers + GPTQModel/optimum kernels)."]
     return "\n".join(lines) + "\n"

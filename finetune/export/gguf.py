@@ -107,9 +107,11 @@ def export_gguf(cfg: Config, run: RunDir) -> dict:
                      f", answer {info['check']['answer'][:80]!r}" if "check" in info else "")
         if "F16" not in wanted:
             f16.unlink()
-        # All files are complete and checked: replace the previous set (and its Modelfiles) at once.
+        # All files are complete and checked: replace the previous set (and the ollama stage's files) at once.
         for old in run.gguf_files(cfg.model.name, cfg.task.name) + list(run.gguf_dir.glob("Modelfile.*")):
             old.unlink()
+        run.answer_schema_path.unlink(missing_ok=True)
+        run.answer_grammar_path.unlink(missing_ok=True)
         for quant in wanted:
             final = run.gguf_path(cfg.model.name, cfg.task.name, quant)
             os.replace(tmp / final.name, final)

@@ -88,8 +88,15 @@ def generate_llama_cpp(
     n_ctx: int,
     n_threads: int | None = None,
     bos_token: str | None = None,
+    grammar: str | None = None,
 ) -> list[Generation]:
-    """One prompt at a time through llama-cpp-python, with the stop list a Modelfile would carry."""
+    """One prompt at a time through llama-cpp-python, with the stop list a Modelfile would carry.
+
+    `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match; llama.cpp's
+    grammar sampler allows the end-of-turn token only once the grammar is complete, and only it then."""
+    from llama_cpp import LlamaGrammar
+
+    llama_grammar = LlamaGrammar.from_string(grammar, verbose=False) if grammar is not None else None
     results = []
     with open_gguf(Path(gguf_path), n_ctx=n_ctx, n_threads=n_threads, seed=sampling.seed) as llm:
         for i, prompt in enumerate(prompts):
@@ -104,6 +111,7 @@ def generate_llama_cpp(
                 min_p=0.0,
                 repeat_penalty=1.0,
                 stop=list(stop_tokens),
+                grammar=llama_grammar,
             )
             latency = time.perf_counter() - t0
             choice = out["choices"][0]

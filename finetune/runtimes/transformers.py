@@ -1,4 +1,5 @@
-"""Generation and stop tokens in transformers: base, adapter, merged and GPTQ models, batched."""
+"""Generation and stop tokens in transformers: base, adapter, merged and GPTQ models, batched, optionally
+under a GBNF grammar (finetune.runtimes.constrained)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,23 @@ def generate_transformers(
     stop_tokens: list[str],
     sampling: Sampling,
     batch_size: int = 16,
+    grammar: str | None = None,
 ) -> list[Generation]:
-    """Batched generation with left padding; prompts are length-sorted to waste little on padding."""
+    """Batched generation with left padding; prompts are length-sorted to waste little on padding.
+
+    `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, enforced
+    through llguidance; the same grammar llama.cpp's generate_llama_cpp takes."""
     import torch
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     stop_ids = stop_token_ids(tokenizer, stop_tokens)
+    lltokenizer = None
+    if grammar is not None:
+        from finetune.runtimes.constrained import llguidance_tokenizer
+
+        head = model.get_output_embeddings()
+        n_vocab = max(len(tokenizer), int(head.weight.shape[0]) if head is not None else 0)
+        lltokenizer = llguidance_tokenizer(tokenizer, stop_ids, n_vocab)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     gen_cfg = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
@@ -58,9 +70,14 @@ def generate_transformers(
             batch = tokenizer(
                 [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special
             ).to(device)
+            processors = LogitsProcessorList()
+            if lltokenizer is not None:
+                from finetune.runtimes.constrained import GrammarMask
+
+                processors.append(GrammarMask(lltokenizer, grammar, stop_ids, len(idx)))
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(**batch, generation_config=gen_cfg)
+                out = model.generate(**batch, generation_config=gen_cfg, logits_processor=processors)
             latency = time.perf_counter() - t0
             new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
             for i, tokens in zip(idx, new_tokens):

@@ -14,6 +14,7 @@ from typing import Any
 
 from finetune.core.config import TaskConfig
 from finetune.core.errors import ConfigError
+from finetune.tasks.grammar import Constraint, gbnf_grammar
 
 
 class BadExample(ValueError):
@@ -136,3 +137,12 @@ class Task:
             return None
         result = self.baseline(self.specialist, train_rows, test_rows)
         return None if result is None else result[0]
+
+    # ---- constrained decoding (finetune.tasks.grammar) ---------------------------------------
+    def answer_constraint(self) -> Constraint:
+        """What a valid answer is, for constrained decoding: a JSON schema dict, a label list, or None."""
+        return None
+
+    def answer_grammar(self) -> str | None:
+        """The GBNF grammar every runtime decodes under (None: free text)."""
+        return gbnf_grammar(self.answer_constraint())

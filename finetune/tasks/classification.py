@@ -57,6 +57,10 @@ class ClassificationTask(Task):
     def answer_text(self, reference: str) -> str:
         return reference
 
+    def answer_constraint(self) -> list[str]:
+        """The label set: a constrained answer is exactly one label, bare, as trained."""
+        return list(self.labels)
+
     # ---- answers ----------------------------------------------------------------------
     def parse(self, text: str) -> str | None:
         text = strip_fences(text or "")

@@ -17,6 +17,7 @@ Baselines: `crf` (the default), a CRF tagger of the answer's spans trained on th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -105,6 +106,40 @@ def key_order(answers: list[dict]) -> list[str]:
     return order
 
 
+def value_types(answers: list[dict]) -> dict[str, dict]:
+    """The JSON schema type of each key's values in the answers ({"type": "string"}, an array of strings, ...),
+    so the answer constraint admits what the data holds (a list of entity spans, a number)."""
+    seen: dict[str, set[str]] = {}
+    items: dict[str, set[str]] = {}
+    for answer in answers:
+        for key, value in answer.items():
+            if value is None:
+                continue
+            seen.setdefault(key, set()).add(_json_type(value))
+            if isinstance(value, list):
+                items.setdefault(key, set()).update(_json_type(v) for v in value)
+    out = {}
+    for key, kinds in seen.items():
+        if kinds == {"integer", "number"}:
+            kinds = {"number"}
+        kind = next(iter(kinds)) if len(kinds) == 1 else sorted(kinds)
+        prop: dict[str, Any] = {"type": kind}
+        if "array" in kinds:
+            item_kinds = items.get(key) or {"string"}
+            prop["items"] = {"type": next(iter(item_kinds)) if len(item_kinds) == 1 else sorted(item_kinds)}
+        out[key] = prop
+    return out
+
+
+def _json_type(value: Any) -> str:
+    for name in ("boolean", "integer", "number", "string", "array", "object"):
+        if name in ("integer", "number") and isinstance(value, bool):
+            continue
+        if isinstance(value, _JSON_TYPES[name]):
+            return name
+    return "string"
+
+
 class ExtractionTask(Task):
     kind = "extraction"
     headline_metric = "field_f1"
@@ -118,7 +153,7 @@ class ExtractionTask(Task):
 
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
-        self.schema = dict(cfg.json_schema or {})
+        self.schema = copy.deepcopy(dict(cfg.json_schema or {}))  # learn_from_train adds learned types
         properties = (self.schema or {}).get("properties") or {}
         # The allowed keys. Empty: any key, and the list is learned from the training split (learn_from_train).
         self.fields = [str(f) for f in (cfg.fields or [])] or list(properties)
@@ -137,7 +172,12 @@ class ExtractionTask(Task):
             raise ConfigError(f"task {self.name} (kind extraction): no training answer has any key, so there is "
                               f"no field list to learn; set task.fields=[key1,key2,...] or check the data")
         self.fields = order
-        self.learned = {"fields": order, "fields_from": "task.fields, in the data's key order" if self.fields_given
+        learned_types = {k: t for k, t in value_types(train_references).items() if k not in self.types}
+        self.types.update({k: t["type"] for k, t in learned_types.items()})
+        self.schema.setdefault("properties", {})
+        for key, prop in learned_types.items():
+            self.schema["properties"].setdefault(key, prop)
+        self.learned = {"fields": order, "field_types": learned_types, "fields_from": "task.fields, in the data's key order" if self.fields_given
                 else "the training answers (task.fields empty)", "fields_never_in_training": unseen}
         return self.learned
 
@@ -163,6 +203,22 @@ class ExtractionTask(Task):
         rank = {k: i for i, k in enumerate(self.fields)}
         ordered = dict(sorted(reference.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
+
+    def answer_constraint(self) -> dict:
+        """The JSON schema of an answer: every field optional, in the task's field order (the order the
+        trained answers write, and the order llama.cpp's schema grammar allows them in), no other keys.
+        Value types come from task.json_schema where it gives them, else string; an array holds strings
+        unless the schema says what its items are."""
+        declared = self.schema.get("properties") or {}
+        properties = {}
+        for key in self.fields:
+            kind = self.types.get(key, "string")
+            prop: dict[str, Any] = {"type": kind}
+            if kind == "array" or (isinstance(kind, list) and "array" in kind):
+                items = declared[key].get("items") if isinstance(declared.get(key), dict) else None
+                prop["items"] = items if isinstance(items, dict) else {"type": "string"}
+            properties[key] = prop
+        return {"type": "object", "properties": properties, "additionalProperties": False}
 
     # ---- answers ----------------------------------------------------------------------
     def parse(self, text: str) -> dict | None:

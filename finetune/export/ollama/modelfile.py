@@ -24,6 +24,7 @@ from finetune.core.rundir import RunDir, comment_safe, ollama_model_name, quant_
 from finetune.export.ollama.checks import check_rendering, check_stops
 from finetune.export.ollama.gotemplate import render_modelfile
 from finetune.export.ollama.template import ollama_template
+from finetune.export.ollama.usage import modelfile_comment, write_constraint_files
 from finetune.export.samples import sample_conversations
 from finetune.models.loading import saved_tokenizer
 from finetune.runtimes.llamacpp import gguf_adds_bos, open_gguf, served_tokens
@@ -68,7 +69,8 @@ def ollama_name(cfg: Config, quant: str) -> str:
     return ollama_model_name(cfg.model.name, cfg.task.name, quant)
 
 
-def modelfile_text(cfg: Config, tokenizer: Any, gguf: Path, system: str, bos_added: bool = True) -> str:
+def modelfile_text(cfg: Config, tokenizer: Any, gguf: Path, system: str, bos_added: bool = True,
+                   run: RunDir | None = None) -> str:
     """The Modelfile for `gguf`. A system prompt that no Modelfile quoting can carry goes into the
     TEMPLATE instead, as its default system prompt (a Go string literal). `bos_added`: whether
     llama.cpp adds BOS when tokenizing for this GGUF."""
@@ -81,6 +83,7 @@ def modelfile_text(cfg: Config, tokenizer: Any, gguf: Path, system: str, bos_add
                      f"written by finetune."),
         comment_safe(f"# ollama create {shlex.quote(ollama_name(cfg, quant_of(gguf)))} -f "
                      f"{shlex.quote(gguf.parent.name + '/Modelfile.' + quant_of(gguf))}"),
+        *[comment_safe(f"# {line}") for line in modelfile_comment(cfg, quant_of(gguf), run)],
         f"FROM {_quoted('FROM', './' + gguf.name)}",
         f"TEMPLATE {_quoted('TEMPLATE', template)}",
     ]
@@ -111,7 +114,7 @@ def verify_modelfile(cfg: Config, run: RunDir, tokenizer: Any, gguf: Path, text:
                      bos_added: bool) -> dict:
     where = f"Modelfile for {gguf.name}"
     convs = sample_conversations(cfg, run)
-    no_system_text = modelfile_text(cfg, tokenizer, gguf, "", bos_added)
+    no_system_text = modelfile_text(cfg, tokenizer, gguf, "", bos_added, run)
     with_sys = [c for c in convs if c[2]]
     without = [c for c in convs if not c[2]]
     commands, prompts = render_modelfile(text, [c[1] for c in with_sys])
@@ -153,14 +156,14 @@ def write_modelfiles(cfg: Config, run: RunDir) -> dict:
     clean_stale(run.gguf_dir, "Modelfile")
     tokenizer = saved_tokenizer(cfg.model, run.merged_dir)
     system = cfg.task.system_prompt or ""
-    summary: dict[str, Any] = {"modelfiles": {}}
+    summary: dict[str, Any] = {"modelfiles": {}, "constraint_files": [str(p) for p in write_constraint_files(cfg, run)]}
     for gguf in ggufs:
         quant = quant_of(gguf)
         final = run.modelfile_path(quant)
         tmp = run.gguf_dir / f"{TMP_PREFIX}Modelfile.{quant}-{uuid.uuid4().hex[:8]}"
         with open_gguf(gguf, vocab_only=True) as vocab:
             bos_added = gguf_adds_bos(vocab)
-        text = modelfile_text(cfg, tokenizer, gguf, system, bos_added)
+        text = modelfile_text(cfg, tokenizer, gguf, system, bos_added, run)
         tmp.write_text(text, encoding="utf-8")
         try:
             entry: dict[str, Any] = {"path": str(final), "gguf": gguf.name}

@@ -1,0 +1,78 @@
+"""Grammar-constrained decoding in transformers, through llguidance, with the GBNF grammar llama.cpp gets.
+
+`GrammarMask` is a transformers LogitsProcessor. For each row of a batch it keeps an llguidance matcher,
+feeds it the token the row generated last, and sets the logit of every token the grammar does not allow
+next to -inf. Allowed tokens keep their logits, so a greedy answer that already fits the grammar comes
+out unchanged. The model's stop tokens are the grammar's end: allowed only once the answer is complete,
+and then the only tokens allowed (after the optional space llama.cpp's schema grammars end with), so
+the answer ends on the model's end-of-turn token as an unconstrained one does. It runs before
+temperature and top-p, so sampling draws only from allowed tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import LogitsProcessor
+
+from finetune.core.errors import ConfigError
+
+
+def llguidance_tokenizer(tokenizer: Any, stop_ids: list[int], n_vocab: int) -> Any:
+    """llguidance's view of a Hugging Face tokenizer, the stop tokens as its end-of-sequence tokens."""
+    import llguidance.hf
+
+    try:
+        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=list(stop_ids))
+    except ValueError as exc:
+        raise ConfigError(f"constrained decoding in transformers needs a fast (Rust) tokenizer: {exc}; "
+                          f"set evaluate.constrained=false to evaluate without constraints") from None
+
+
+def grammar_matcher(lltokenizer: Any, grammar: str) -> Any:
+    """A fresh llguidance matcher for a GBNF grammar; ValueError naming the problem if it does not compile."""
+    import llguidance
+
+    matcher = llguidance.LLMatcher(lltokenizer, llguidance.grammar_from("gbnf", grammar), log_level=0)
+    if matcher.is_error():
+        raise ValueError(f"llguidance cannot use the grammar: {matcher.get_error()}\n{grammar[:2000]}")
+    return matcher
+
+
+def accepts(matcher: Any, tokens: list[int]) -> bool:
+    """Whether the grammar allows exactly these tokens as a whole answer (the matcher is used up)."""
+    return matcher.consume_tokens(list(tokens)) and matcher.is_accepting()
+
+
+class GrammarMask(LogitsProcessor):
+    """Masks one batch of generate(): row i follows its own copy of the grammar."""
+
+    def __init__(self, lltokenizer: Any, grammar: str, stop_ids: list[int], rows: int):
+        prototype = grammar_matcher(lltokenizer, grammar)
+        self.matchers = [prototype.deep_copy() for _ in range(rows)]
+        self.stop_ids = set(stop_ids)
+        self.done = [False] * rows
+        self.started = False
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.started:  # the previous step's tokens: advance each row's grammar
+            for i, token in enumerate(input_ids[:, -1].tolist()):
+                if self.done[i]:
+                    continue
+                if token in self.stop_ids:
+                    self.done[i] = True  # later tokens of this row are padding
+                elif not self.matchers[i].consume_token(token):
+                    raise RuntimeError(f"row {i}: token {token} broke the grammar it was allowed by: "
+                                       f"{self.matchers[i].get_error()}")
+        self.started = True
+        vocab = scores.shape[-1]
+        blocked = torch.zeros(scores.shape, dtype=torch.bool)
+        for i, matcher in enumerate(self.matchers):
+            if self.done[i]:
+                continue
+            allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[:vocab] != 0
+            blocked[i, : allowed.shape[0]] = ~allowed
+            blocked[i, allowed.shape[0]:] = True  # ids the tokenizer does not have
+        return scores.masked_fill(blocked.to(scores.device), float("-inf"))
