@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import shlex
 import shutil
 import sys
@@ -33,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.core.config import Config, model_config, to_dict, to_typed, value_problems
 from finetune.core.distributed import is_main_process, rank, world_size
-from finetune.core.errors import ConfigError, FinetuneError, RunDirError
+from finetune.core.errors import ConfigError, DataError, FinetuneError, RunDirError
 from finetune.core.files import write_json_atomic
 from finetune.core.fingerprint import data_sha256, file_sha256, paths_sha256
 from finetune.core.rundir import RunDir
@@ -222,8 +223,9 @@ def start(stage: Stage, cfg: Config, run: RunDir, inputs: dict) -> None:
     write_json_atomic(started, inputs)
 
 
-def check_run_identity(cfg: Config, run: RunDir) -> None:
-    """A run directory belongs to one model and one task: continuing it with another is an error."""
+def check_run_identity(cfg: Config, run: RunDir, command: str | None = None) -> None:
+    """A run directory belongs to one model and one task: continuing it with another is an error.
+    `command`: what reproduces the run (default: this process's command line)."""
     identity = {"model": cfg.model.name, "task": cfg.task.name, "method": str(cfg.method.name)}
     path = run.run_json
     if path.is_file():
@@ -237,7 +239,7 @@ def check_run_identity(cfg: Config, run: RunDir) -> None:
             )
     elif is_main_process():
         run.root.mkdir(parents=True, exist_ok=True)
-        identity["command"] = "python -m finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        identity["command"] = command or "python -m finetune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         write_json_atomic(path, identity)
 
 
@@ -262,11 +264,16 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_pipeline(composed: DictConfig | Config, root: Path) -> RunDir:
-    """Run the selected stages of the composed config in the run directory `root`."""
+def run_pipeline(composed: DictConfig | Config, root: Path, command: str | None = None,
+                 search: bool = False) -> RunDir:
+    """Run the selected stages of the composed config in the run directory `root`. `command`: what
+    reproduces this run (a trial of a sweep: its own overrides); `search`: the run is a trial of a
+    hyper-parameter search, which reads `objective(cfg, run)` afterwards."""
     cfg = composed if isinstance(composed, Config) else to_typed(composed)
     run = RunDir(root)
     stages = selected_stages(cfg)
+    if search:
+        check_searchable(cfg, stages)
     if world_size() > 1 and "run_dir=" not in " ".join(sys.argv):
         raise ConfigError(
             "with several processes every rank composes the config and must agree on the run "
@@ -276,13 +283,50 @@ def run_pipeline(composed: DictConfig | Config, root: Path) -> RunDir:
     run.check_adoptable()
     quiet_progress_bars()
     with run.lock() if is_main_process() else contextlib.nullcontext():
-        check_run_identity(cfg, run)
+        check_run_identity(cfg, run, command)
         if is_main_process():
             OmegaConf.save(OmegaConf.structured(cfg), run.config_path, resolve=True)
             log.info("run directory: %s", run.root)
             log.info("stages: %s", ", ".join(s.name for s in stages))
         _run_stages(cfg, run, stages)
     return run
+
+
+def check_searchable(cfg: Config, stages: list[Stage]) -> None:
+    """A search maximises what the train stage measures on validation rows: it must train and score them."""
+    problems = []
+    if "train" not in {s.name for s in stages}:
+        problems.append(f"stages={[str(s) for s in cfg.stages]} has no train stage; a trial trains a model and "
+                        f"is scored on validation rows: stages=[data,train] (or more)")
+    if cfg.method.metric_examples <= 0:
+        problems.append(f"method.metric_examples={cfg.method.metric_examples} scores no validation row; "
+                        f"the objective needs some (e.g. method.metric_examples=32)")
+    if problems:
+        raise ConfigError("a hyper-parameter search needs a validation task metric, and this config gives "
+                          "none:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def objective(cfg: Config, run: RunDir) -> float:
+    """What a hyper-parameter search maximises: the task's headline metric (field_f1, macro_f1, rougeL) on
+    method.metric_examples validation rows, as the train stage recorded it for the model it saved. The
+    test split is never part of it."""
+    metric = get_task(cfg.task).headline_metric
+    summary = run.stage_summary("train") if run.is_done("train") else None
+    if summary is None:
+        raise RunDirError(f"{run.root} has no finished train stage, so no objective: a trial must train "
+                          f"(stages=[data,train])")
+    validation = summary.get("validation") or {}
+    value = validation.get(metric)
+    if value is None:
+        raise DataError(
+            f"the train stage in {run.root} recorded no validation {metric}, so this trial has no objective: it "
+            f"scores the first method.metric_examples rows of {run.split_path('validation')}, and there were none. "
+            f"Give the data a validation split (task.data.validation_fraction > 0 or task.data.validation_path)")
+    if not math.isfinite(value):
+        raise DataError(f"the train stage in {run.root} recorded validation {metric} = {value}: not a value a "
+                        f"search can compare")
+    log.info("objective: validation %s = %s on %s rows", metric, value, validation.get("n"))
+    return float(value)
 
 
 def _run_stages(cfg: Config, run: RunDir, stages: list[Stage]) -> None:
