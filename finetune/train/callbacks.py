@@ -51,9 +51,11 @@ class ProgressLog(TrainerCallback):
         now = time.time()
         if "eval_loss" in logs:
             if state.is_world_process_zero:
-                # state.best_metric is updated after this log; include the value just measured
-                best = min(x for x in (state.best_metric, logs["eval_loss"]) if x is not None)
-                best = f" (best {best:.4f})" if state.best_metric is not None else ""
+                # state.best_metric is updated after this log; include the value just measured. It is the
+                # loss only when checkpoints are chosen by loss (method.best_by=task: the task metric, logged apart).
+                best = ""
+                if state.best_metric is not None and args.metric_for_best_model in (None, "eval_loss", "loss"):
+                    best = f" (best {min(state.best_metric, logs['eval_loss']):.4f})"
                 log.info("eval  step %d/%d | eval_loss %.4f%s | %.1fs", state.global_step, state.max_steps,
                          logs["eval_loss"], best, logs.get("eval_runtime", 0.0))
             self.last_time = now  # evaluation time does not count towards tokens/s
