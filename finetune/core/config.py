@@ -255,6 +255,9 @@ class EvaluateConfig:
     # The merged checkpoint too (transformers). Off by default: the merge stage already checks that its
     # logits equal the adapter's, so its greedy answers repeat the fine-tuned row at the cost of a full pass.
     merged: bool = False
+    # Reuse the base and comparison models' answers from an earlier run when the model files, prompts, decoding,
+    # grammar and library versions are all the same (finetune.evaluate.cache; ~/.cache/finetune/answers).
+    cache: bool = True
     # Decode every model under the task's answer constraint (extraction: its JSON schema, classification: its
     # label set; finetune.tasks.grammar), as a deployment would. Generation tasks have none.
     constrained: bool = True

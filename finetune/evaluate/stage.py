@@ -19,6 +19,7 @@ A failing artifact or comparison model is recorded with its error and the rest g
 from __future__ import annotations
 
 import fnmatch
+import dataclasses
 import functools
 import gc
 import logging
@@ -33,6 +34,7 @@ from finetune.core.files import dir_size, write_json_atomic
 from finetune.core.hardware import cpu_threads, torch_threads
 from finetune.core.rundir import RunDir, quant_of
 from finetune.data.rows import read_rows, run_task
+from finetune.evaluate.cache import answers_key, load_answers, save_answers
 from finetune.evaluate.metrics import score, write_predictions
 from finetune.evaluate.report import write_report
 from finetune.models.loading import (
@@ -41,6 +43,7 @@ from finetune.models.loading import (
     load_model,
     load_tokenizer,
     render_prompt,
+    resolve_model,
     saved_tokenizer,
 )
 from finetune.runtimes.generation import Generation, Sampling
@@ -154,14 +157,31 @@ class Session:
             gc.collect()
 
     def transformers(self, name: str, model: Any, tokenizer: Any, model_cfg: ModelConfig, info: dict,
-                     shots: list[dict] = ()) -> None:
+                     shots: list[dict] = (), cache_dir: str | None = None) -> None:
+        """Answers of `model` (a torch module, or a function loading it, called only if needed) on the rows. With `cache_dir` (a model
+        that does not change between runs) answers come from the cross-run cache when everything they depend
+        on is the same (finetune.evaluate.cache)."""
+        import torch
+
         prompts = self.prompts(tokenizer, model_cfg, list(shots))
         batch_size = self.cfg.evaluate.batch_size
         for pass_name, grammar, kind in self.passes(name):
-            outputs = generate_transformers(model, tokenizer, prompts, list(model_cfg.stop_tokens), self.sampling,
-                                            batch_size=batch_size, grammar=grammar)
+            key = None
+            if cache_dir and self.cfg.evaluate.cache:
+                key = answers_key(cache_dir, {
+                    "prompts": prompts, "stop_tokens": list(model_cfg.stop_tokens), "grammar": grammar,
+                    "sampling": dataclasses.asdict(self.sampling), "batch_size": batch_size, "dtype": str(self.dtype),
+                    "device": self.device, "threads": torch.get_num_threads()})
+            outputs = load_answers(key)
+            cached = outputs is not None
+            if not cached:
+                if not isinstance(model, torch.nn.Module):  # a loader: the model is loaded only when needed
+                    model = model()
+                outputs = generate_transformers(model, tokenizer, prompts, list(model_cfg.stop_tokens), self.sampling,
+                                                batch_size=batch_size, grammar=grammar)
+                save_answers(key, outputs, {"model": model_cfg.name, "task": self.task.name, "pass": pass_name})
             self.record(pass_name, outputs, {"runtime": "transformers", "constraint": kind, "few_shot": len(shots),
-                                             "batch_size": batch_size, **info})
+                                             "batch_size": batch_size, **info, **({"cached": True} if cached else {})})
 
     def hf_checkpoint(self, name: str, path: Path, info: dict) -> None:
         model_cfg = self.cfg.model
@@ -190,8 +210,9 @@ class Session:
     def other_model(self, name: str) -> None:
         """A registry model (evaluate.compare), zero/few-shot like the base model."""
         other_cfg = model_config(name)
-        model = load_model(other_cfg, dtype=self.dtype).to(self.device)
-        self.transformers(name, model, load_tokenizer(other_cfg), other_cfg, {"source": name}, self.shots())
+        loader = lambda: load_model(other_cfg, dtype=self.dtype).to(self.device)  # noqa: E731 - not when cached
+        self.transformers(name, loader, load_tokenizer(other_cfg), other_cfg, {"source": name}, self.shots(),
+                          cache_dir=resolve_model(other_cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +228,8 @@ def base_and_finetuned(s: Session) -> None:
         tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model, dtype=s.dtype).to(s.device)
         if cfg.evaluate.base:
-            s.transformers("base", model, tokenizer, cfg.model, {"source": cfg.model.name}, s.shots())
+            s.transformers("base", model, tokenizer, cfg.model, {"source": cfg.model.name}, s.shots(),
+                           cache_dir=resolve_model(cfg.model))
         if has_adapter:
             from peft import PeftModel
 
