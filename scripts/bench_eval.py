@@ -1,0 +1,151 @@
+"""GGUF evaluation speed: llama.cpp one prompt at a time vs continuous batching, in one process.
+
+    .venv/bin/python scripts/bench_eval.py [--gguf PATH ...] [--run-dir DIR] [--n 50] [--parallel 4,8,16]
+                                           [--threads N] [--max-new-tokens N] [--sample] [finetune overrides...]
+    e.g. ... --run-dir runs/x --parallel 8,16,32 --threads 2
+
+For each GGUF (--gguf, repeatable; default: every RUN_DIR/gguf/*.gguf, or the packaged GGUF of the model
+when there is no --run-dir) the same prompts are answered by
+  one-at-a-time   finetune.runtimes.llamacpp.generate_llama_cpp (what the evaluate stage runs today)
+  parallel=P      finetune.runtimes.llamacpp_batch.generate_llama_cpp_batched, once per --parallel value
+with the same threads, n_ctx, stop strings and sampling. Prompts: the first --n rows of the test split
+(RUN_DIR/data/test.jsonl, or the task's split as the data stage makes it), rendered with the chat template
+as the evaluate stage renders them for a GGUF; n_ctx sized as the evaluate stage sizes it; max_new_tokens
+the task's. Each arm is timed as one call (GGUF load included, as evaluation pays it): tokens/s =
+generated tokens / wall seconds. Printed per arm: the ratio against one-at-a-time, how many answers are
+identical to one-at-a-time's (text, token count, stop), and the task's headline metric. Last line: JSON
+with the machine, llama.cpp's CPU features (llama_print_system_info) and every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
+
+
+def config(run_dir: Path | None, overrides: list[str]):
+    from finetune.core.config import compose
+
+    ident = []
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        run = json.loads((run_dir / "run.json").read_text())
+        ident = [f"model={run['model']}", f"task={run['task']}"]
+    return compose([*ident, *overrides])
+
+
+def test_rows(cfg, run_dir: Path | None, n: int) -> list[dict]:
+    from finetune.data.prepare import split_task_data
+    from finetune.data.rows import read_rows
+
+    path = run_dir / "data" / "test.jsonl" if run_dir is not None else None
+    if path is not None and path.is_file():
+        rows = read_rows(path, required=("id", "prompt", "completion", "reference"))
+    else:
+        rows = split_task_data(cfg.task)[2]["test"]
+    return rows[:n]
+
+
+def prompts_for(cfg, run_dir: Path | None, rows: list[dict]) -> tuple[list[str], str | None, int]:
+    """Prompt texts, the tokenizer's BOS text and the longest prompt in tokens, as the evaluate stage has them."""
+    from finetune.models.loading import load_tokenizer, render_prompt, saved_tokenizer
+
+    if run_dir is not None:
+        tokenizer = saved_tokenizer(cfg.model, run_dir / "adapter", run_dir / "merged")
+    else:
+        tokenizer = load_tokenizer(cfg.model)
+    prompts = [render_prompt(tokenizer, r["prompt"], cfg.model) for r in rows]
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    return prompts, tokenizer.bos_token, longest
+
+
+def ggufs_for(cfg, run_dir: Path | None, given: list[str]) -> list[Path]:
+    if given:
+        return [Path(g) for g in given]
+    if run_dir is not None:
+        found = sorted((run_dir / "gguf").glob("*.gguf"))
+        if found:
+            return found
+    from finetune.models.gguf_source import packaged_gguf_path
+
+    return [packaged_gguf_path(cfg.model)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", action="append", default=[], help="a GGUF to time (repeatable)")
+    p.add_argument("--run-dir", type=Path, default=None, help="a finished run: its test split, tokenizer and GGUFs")
+    p.add_argument("--n", type=int, default=50, help="test prompts (default 50)")
+    p.add_argument("--parallel", default="4,8,16", help="sequences per llama_decode, comma-separated")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the cores we may run on)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's max_new_tokens")
+    p.add_argument("--sample", action="store_true", help="sample (evaluate.temperature/top_p, seed) instead of greedy")
+    p.add_argument("overrides", nargs="*", help="finetune overrides, e.g. model=qwen2.5-0.5b task=classification")
+    a = p.parse_args()
+
+    import llama_cpp
+
+    from finetune.core.hardware import cpu_threads
+    from finetune.runtimes.generation import Sampling
+    from finetune.runtimes.llamacpp import generate_llama_cpp
+    from finetune.runtimes.llamacpp_batch import context_size, generate_llama_cpp_batched
+    from finetune.tasks import get_task
+
+    run_dir = a.run_dir.resolve() if a.run_dir else None
+    cfg = config(run_dir, a.overrides)
+    task = get_task(cfg.task)
+    rows = test_rows(cfg, run_dir, a.n)
+    prompts, bos, longest = prompts_for(cfg, run_dir, rows)
+    sampling = Sampling(max_new_tokens=a.max_new_tokens or cfg.task.max_new_tokens, do_sample=a.sample,
+                        temperature=cfg.evaluate.temperature, top_p=cfg.evaluate.top_p, seed=cfg.method.seed)
+    n_ctx = context_size(longest, sampling.max_new_tokens)
+    threads = a.threads or cpu_threads()
+    stops = list(cfg.model.stop_tokens)
+    references = [r["reference"] for r in rows]
+    key = task.headline_metric
+    print(f"{len(prompts)} prompts of {cfg.task.name} (longest {longest} tokens), max_new_tokens "
+          f"{sampling.max_new_tokens}, {'sampling' if a.sample else 'greedy'}, n_ctx {n_ctx}, {threads} threads",
+          flush=True)
+
+    out_rows = []
+    for gguf in ggufs_for(cfg, run_dir, a.gguf):
+        arms = [("one-at-a-time", None)] + [(f"parallel={k}", int(k)) for k in a.parallel.split(",") if k]
+        reference = None
+        base_speed = None
+        for arm, parallel in arms:
+            t0 = time.perf_counter()
+            if parallel is None:
+                outs = generate_llama_cpp(gguf, prompts, stops, sampling, n_ctx=n_ctx, n_threads=threads,
+                                          bos_token=bos)
+            else:
+                outs = generate_llama_cpp_batched(gguf, prompts, stops, sampling, n_ctx=n_ctx, parallel=parallel,
+                                                  n_threads=threads, bos_token=bos)
+            seconds = time.perf_counter() - t0
+            tokens = sum(o.n_tokens for o in outs)
+            speed = tokens / seconds
+            if reference is None:
+                reference, base_speed = outs, speed
+            same = sum((o.text, o.n_tokens, o.stopped) == (r.text, r.n_tokens, r.stopped)
+                       for o, r in zip(outs, reference))
+            metrics, _ = task.score(references, [o.text for o in outs])
+            row = {"gguf": gguf.name, "arm": arm, "seconds": round(seconds, 2), "tokens": tokens,
+                   "tokens_per_s": round(speed, 1), "ratio": round(speed / base_speed, 2),
+                   "identical": f"{same}/{len(outs)}", key: metrics.get(key)}
+            out_rows.append(row)
+            print(_bench.table([row], list(row)).splitlines()[-1], flush=True)
+    print()
+    print(_bench.table(out_rows, ["gguf", "arm", "seconds", "tokens", "tokens_per_s", "ratio", "identical", key]))
+    system = llama_cpp.llama_print_system_info().decode().strip()
+    print(f"llama.cpp: {system}")
+    _bench.emit({"machine": _bench.machine(), "llama_cpp_system_info": system, "threads": threads,
+                 "n_prompts": len(prompts), "max_new_tokens": sampling.max_new_tokens, "n_ctx": n_ctx,
+                 "do_sample": a.sample, "rows": out_rows})
+
+
+if __name__ == "__main__":
+    main()
