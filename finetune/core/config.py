@@ -258,6 +258,10 @@ class EvaluateConfig:
     # Reuse the base and comparison models' answers from an earlier run when the model files, prompts, decoding,
     # grammar and library versions are all the same (finetune.evaluate.cache; ~/.cache/finetune/answers).
     cache: bool = True
+    # GGUFs: sequences decoded together per llama.cpp call (1: one prompt at a time, as a server answers one
+    # request). Q8_0 answers are identical either way; K-quant kernels depend on the batch width, so Q4_K_M
+    # answers can differ in a few rows (docs/llamacpp-batching.md). ~1.6x the tokens/s of one at a time.
+    llama_cpp_parallel: int = 16
     # Decode every model under the task's answer constraint (extraction: its JSON schema, classification: its
     # label set; finetune.tasks.grammar), as a deployment would. Generation tasks have none.
     constrained: bool = True
@@ -377,6 +381,7 @@ def value_problems(cfg: Config) -> list[str]:
         (ev.base_few_shot >= 0, f"evaluate.base_few_shot={ev.base_few_shot}: must be >= 0"),
         (not ev.do_sample or ev.temperature > 0, f"evaluate.temperature={ev.temperature}: must be > 0"),
         (0 < ev.top_p <= 1, f"evaluate.top_p={ev.top_p}: must be in (0, 1]"),
+        (ev.llama_cpp_parallel >= 1, f"evaluate.llama_cpp_parallel={ev.llama_cpp_parallel}: must be >= 1"),
         (ev.n_threads is None or ev.n_threads >= 1, f"evaluate.n_threads={ev.n_threads}: must be >= 1"),
         (ex.gptq is None or ex.gptq.bits in (2, 3, 4, 8), "export.gptq.bits: must be 2, 3, 4 or 8"),
         (ex.gptq is None or ex.gptq.calibration_samples >= 1, "export.gptq.calibration_samples: must be >= 1"),

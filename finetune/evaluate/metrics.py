@@ -25,7 +25,7 @@ from finetune.runtimes.generation import Generation
 # Keys of a metrics.json model entry that describe the run, not the task metric.
 SPEED_KEYS = ["latency_s_mean", "tokens_per_s", "generated_tokens_mean", "stopped_fraction", "seconds"]
 INFO_KEYS = ["n", "runtime", "constraint", "source", "few_shot", "batch_size", "n_ctx", "size_bytes", "error",
-             "baseline", "note", "train_rows", "train_rows_left_out", "cached"]
+             "baseline", "note", "train_rows", "train_rows_left_out", "cached", "parallel"]
 
 
 def expected_output(row: dict) -> str:

@@ -48,6 +48,7 @@ from finetune.models.loading import (
 )
 from finetune.runtimes.generation import Generation, Sampling
 from finetune.runtimes.llamacpp import generate_llama_cpp
+from finetune.runtimes.llamacpp_batch import generate_llama_cpp_batched
 from finetune.runtimes.transformers import generate_transformers
 from finetune.tasks import Task
 from finetune.tasks.grammar import describe
@@ -200,12 +201,17 @@ class Session:
         prompts = self.prompts(tokenizer, model_cfg, [])
         longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
         n_ctx = -(-(longest + self.sampling.max_new_tokens + 16) // 256) * 256
+        parallel = self.cfg.evaluate.llama_cpp_parallel
         for pass_name, grammar, kind in self.passes(name):
-            outputs = generate_llama_cpp(path, prompts, list(model_cfg.stop_tokens), self.sampling, n_ctx=n_ctx,
-                                         n_threads=self.cfg.evaluate.n_threads, bos_token=tokenizer.bos_token,
-                                         grammar=grammar)
+            common = dict(n_ctx=n_ctx, n_threads=self.cfg.evaluate.n_threads, bos_token=tokenizer.bos_token,
+                          grammar=grammar)
+            if parallel > 1:  # many sequences per llama_decode (docs/llamacpp-batching.md)
+                outputs = generate_llama_cpp_batched(path, prompts, list(model_cfg.stop_tokens), self.sampling,
+                                                     parallel=parallel, **common)
+            else:
+                outputs = generate_llama_cpp(path, prompts, list(model_cfg.stop_tokens), self.sampling, **common)
             self.record(pass_name, outputs, {"runtime": "llama.cpp", "constraint": kind, "few_shot": 0,
-                                             "n_ctx": n_ctx, **info})
+                                             "n_ctx": n_ctx, "parallel": parallel, **info})
 
     def other_model(self, name: str) -> None:
         """A registry model (evaluate.compare), zero/few-shot like the base model."""
