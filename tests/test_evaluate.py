@@ -251,3 +251,18 @@ def test_comparison_models_come_from_the_registry():
     assert qwen.context_length == 32768 and qwen.instruct is True  # schema defaults filled in
     with pytest.raises(ConfigError, match="known: .*smollm2"):
         model_config("no-such-model")
+
+
+def test_overlapping_answers_count_the_wall_time_not_the_sum_of_latencies():
+    from finetune.evaluate.metrics import score
+    from finetune.runtimes.generation import Generation
+
+    task = get_task(compose(["task=classification"]).task)
+    rows = [{"id": str(i), "prompt": [{"role": "user", "content": "m"}],
+             "completion": [{"role": "assistant", "content": "ham"}], "reference": "ham",
+             "input": "m"} for i in range(2)]
+    outputs = [Generation("ham", 10, 2.0, True, batch=0), Generation("spam", 10, 2.0, True, batch=1)]
+    sequential, _ = score(task, rows, outputs, {})
+    assert sequential["seconds"] == 4.0 and sequential["tokens_per_s"] == 5.0  # two batches, one after the other
+    together, _ = score(task, rows, outputs, {}, wall_seconds=2.5)  # decoded together (continuous batching)
+    assert together["seconds"] == 2.5 and together["tokens_per_s"] == 8.0

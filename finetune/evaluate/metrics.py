@@ -32,7 +32,7 @@ def expected_output(row: dict) -> str:
     return row["completion"][-1]["content"]
 
 
-def score(task: Any, rows: list[dict], outputs: list[Generation], info: dict) -> tuple[dict, list[dict]]:
+def score(task: Any, rows: list[dict], outputs: list[Generation], info: dict, wall_seconds: float | None = None) -> tuple[dict, list[dict]]:
     """Task metrics + speed for one model, and its prediction rows (re-scorable from the file)."""
     metrics, scored = task.score([r["reference"] for r in rows], [g.text for g in outputs])
     predictions = []
@@ -50,7 +50,9 @@ def score(task: Any, rows: list[dict], outputs: list[Generation], info: dict) ->
                 "stopped": gen.stopped,
             }
         )
-    seconds = sum({g.batch: g.latency_s for g in outputs}.values())
+    # Batches run one after another (their latencies add up); answers decoded together overlap, so a runtime
+    # that interleaves them (continuous batching) passes the wall time of the whole call instead.
+    seconds = wall_seconds if wall_seconds is not None else sum({g.batch: g.latency_s for g in outputs}.values())
     tokens = sum(g.n_tokens for g in outputs)
     entry = {
         **metrics,

@@ -141,8 +141,8 @@ class Session:
     def prompts(self, tokenizer: Any, model_cfg: ModelConfig, shots: list[dict]) -> list[str]:
         return [render_prompt(tokenizer, with_shots(r["prompt"], shots), model_cfg) for r in self.rows]
 
-    def record(self, name: str, outputs: list[Generation], info: dict) -> None:
-        entry, predictions = score(self.task, self.rows, outputs, info)
+    def record(self, name: str, outputs: list[Generation], info: dict, wall_seconds: float | None = None) -> None:
+        entry, predictions = score(self.task, self.rows, outputs, info, wall_seconds)
         self.models[name], self.predictions[name] = entry, predictions
         log.info("[evaluate] %-16s %s=%s  %.2f s/example  %s tok/s", name, self.task.headline_metric,
                  entry.get(self.task.headline_metric), entry["latency_s_mean"], entry["tokens_per_s"])
@@ -205,13 +205,16 @@ class Session:
         for pass_name, grammar, kind in self.passes(name):
             common = dict(n_ctx=n_ctx, n_threads=self.cfg.evaluate.n_threads, bos_token=tokenizer.bos_token,
                           grammar=grammar)
+            start = time.perf_counter()
             if parallel > 1:  # many sequences per llama_decode (docs/llamacpp-batching.md)
                 outputs = generate_llama_cpp_batched(path, prompts, list(model_cfg.stop_tokens), self.sampling,
                                                      parallel=parallel, **common)
+                wall = time.perf_counter() - start  # answers overlap in time: tokens/s over the whole call
             else:
-                outputs = generate_llama_cpp(path, prompts, list(model_cfg.stop_tokens), self.sampling, **common)
+                outputs, wall = generate_llama_cpp(path, prompts, list(model_cfg.stop_tokens), self.sampling,
+                                                   **common), None
             self.record(pass_name, outputs, {"runtime": "llama.cpp", "constraint": kind, "few_shot": 0,
-                                             "n_ctx": n_ctx, "parallel": parallel, **info})
+                                             "n_ctx": n_ctx, "parallel": parallel, **info}, wall)
 
     def other_model(self, name: str) -> None:
         """A registry model (evaluate.compare), zero/few-shot like the base model."""
