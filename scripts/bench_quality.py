@@ -70,7 +70,7 @@ def rows_of(task: str, run_dir: Path, label: str, wall: float | None) -> list[di
         entry = models[name]
         rows.append({"task": task, "model": f"{name}{label}", "metric": key, "value": entry.get(key),
                      "exact": entry.get(exact_key), "exact_metric": exact_key, "n": entry.get("n"),
-                     "runtime": entry.get("runtime"), "constrained": entry.get("constrained"),
+                     "runtime": entry.get("runtime"), "constraint": entry.get("constraint"),
                      "error": (entry.get("error") or "")[:80] or None})
     return rows
 
