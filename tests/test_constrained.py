@@ -142,6 +142,19 @@ def both(generate, task, prompt_list, max_new_tokens):
     return generate(prompt_list, sampling, None), generate(prompt_list, sampling, task.answer_grammar())
 
 
+def check_both_tasks(generate, ts, cfg, tokenizer, lltok) -> None:
+    """Few-shot address extraction and SMS classification through `generate`, with and without the constraint."""
+    ext = ts["extraction"]
+    shots = address_rows(ext, "shot", ADDRESSES[:3])
+    ext_prompts = prompts(ext, tokenizer, cfg.model, [a for a, _ in ADDRESSES[3:5]], shots)
+    check_extraction(ext, lltok, tokenizer, *both(generate, ext, ext_prompts, 64))
+
+    cls = ts["classification"]
+    shots = [{"prompt": cls.prompt_messages(SMS[0]), "completion": [{"role": "assistant", "content": "spam"}]},
+             {"prompt": cls.prompt_messages(SMS[1]), "completion": [{"role": "assistant", "content": "ham"}]}]
+    check_classification(cls, *both(generate, cls, prompts(cls, tokenizer, cfg.model, SMS[2:], shots), 4))
+
+
 def test_transformers_answers_fit_the_constraint(smollm2, lltok):
     """Zero-shot and few-shot prompts in one padded batch; the few-shot answers of the base model already
     fit the schema, and must come out unchanged."""
@@ -152,15 +165,7 @@ def test_transformers_answers_fit_the_constraint(smollm2, lltok):
         with torch_threads(1):
             return generate_transformers(model, tokenizer, prompt_list, STOP, sampling, batch_size=8, grammar=grammar)
 
-    ext = ts["extraction"]
-    shots = address_rows(ext, "shot", ADDRESSES[:3])
-    ext_prompts = prompts(ext, tokenizer, cfg.model, [a for a, _ in ADDRESSES[3:5]], shots)
-    check_extraction(ext, lltok, tokenizer, *both(generate, ext, ext_prompts, 64))
-
-    cls = ts["classification"]
-    shots = [{"prompt": cls.prompt_messages(SMS[0]), "completion": [{"role": "assistant", "content": "spam"}]},
-             {"prompt": cls.prompt_messages(SMS[1]), "completion": [{"role": "assistant", "content": "ham"}]}]
-    check_classification(cls, *both(generate, cls, prompts(cls, tokenizer, cfg.model, SMS[2:], shots), 4))
+    check_both_tasks(generate, ts, cfg, tokenizer, lltok)
 
 
 def test_llama_cpp_answers_fit_the_constraint(smollm2, lltok):
@@ -172,15 +177,7 @@ def test_llama_cpp_answers_fit_the_constraint(smollm2, lltok):
         return generate_llama_cpp(gguf, prompt_list, STOP, sampling, n_ctx=1024, n_threads=1,
                                   bos_token=tokenizer.bos_token, grammar=grammar)
 
-    ext = ts["extraction"]
-    shots = address_rows(ext, "shot", ADDRESSES[:3])
-    ext_prompts = prompts(ext, tokenizer, cfg.model, [a for a, _ in ADDRESSES[3:5]], shots)
-    check_extraction(ext, lltok, tokenizer, *both(generate, ext, ext_prompts, 64))
-
-    cls = ts["classification"]
-    shots = [{"prompt": cls.prompt_messages(SMS[0]), "completion": [{"role": "assistant", "content": "spam"}]},
-             {"prompt": cls.prompt_messages(SMS[1]), "completion": [{"role": "assistant", "content": "ham"}]}]
-    check_classification(cls, *both(generate, cls, prompts(cls, tokenizer, cfg.model, SMS[2:], shots), 4))
+    check_both_tasks(generate, ts, cfg, tokenizer, lltok)
 
 
 # ---- what the export gives users ------------------------------------------------------------------
