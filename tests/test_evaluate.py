@@ -114,12 +114,12 @@ def test_metrics_json_has_every_model(tiny_run):
     assert metrics["generation"]["grammar"] == task.answer_grammar()
     for name, entry in metrics["models"].items():
         assert "error" not in entry, entry
-        if name != "specialist":
+        if "baseline" not in entry:  # language models; the baselines generate no tokens
             assert entry["constraint"] == ("none" if name.endswith("-unconstrained") else "json_schema"), name
         assert entry["n"] == 4
         assert 0.0 <= entry[task.headline_metric] <= 1.0
-        assert entry["latency_s_mean"] > 0
-        if "baseline" not in entry:  # the baselines generate no tokens
+        assert entry["latency_s_mean"] >= 0  # usaddress's parser takes well under 0.1 ms per address
+        if "baseline" not in entry:
             assert entry["tokens_per_s"] > 0
             assert 0 < entry["generated_tokens_mean"] <= MAX_NEW_TOKENS
     base, tuned = metrics["models"]["base"], metrics["models"]["finetuned"]
