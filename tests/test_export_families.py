@@ -128,6 +128,6 @@ def test_interrupted_export_leaves_nothing_that_looks_finished(tmp_path, monkeyp
     export_gguf(cfg, run)
     write_modelfiles(cfg, run)
     assert sorted(p.name for p in run.gguf_dir.iterdir()) == [
-        "Modelfile.F16", "Modelfile.Q4_K_M", "Modelfile.Q8_0", "qwen2.5-0.5b-extraction-F16.gguf",
-        "qwen2.5-0.5b-extraction-Q4_K_M.gguf", "qwen2.5-0.5b-extraction-Q8_0.gguf"]
+        "Modelfile.F16", "Modelfile.Q4_K_M", "Modelfile.Q8_0", "answer.gbnf", "qwen2.5-0.5b-extraction-F16.gguf",
+        "qwen2.5-0.5b-extraction-Q4_K_M.gguf", "qwen2.5-0.5b-extraction-Q8_0.gguf", "schema.json"]
     assert not list(tmp_path.rglob(".tmp-*"))
