@@ -26,6 +26,11 @@ log = logging.getLogger("finetune")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
+def warmup_length(ratio: float, steps: int) -> int:
+    """Warm-up steps for `ratio` of `steps`, rounded down (finetune.train.stage.warmup_steps says why)."""
+    return int(math.floor(ratio * steps + 1e-9))
+
+
 def schedule_factor(name: str, step: int, warmup: int, total: int) -> float:
     """The learning-rate multiplier of transformers' schedule `name` at `step` of `total` (warm-up linear)."""
     if name == "constant":  # no warm-up, as in transformers
@@ -54,7 +59,7 @@ class TimeBudget(TrainerCallback):
         self.started = 0.0
 
     def warmup(self, total: int) -> int:
-        return int(math.floor(self.warmup_ratio * total + 1e-9))
+        return warmup_length(self.warmup_ratio, total)
 
     def factor(self, step: int) -> float:
         total = self.steps or self.upper

@@ -22,7 +22,7 @@ from finetune.core.rundir import RunDir
 from finetune.data.rows import load_split
 from finetune.models.loading import device_for, load_tokenizer
 from finetune.train import tracking
-from finetune.train.budget import SCHEDULES, TimeBudget
+from finetune.train.budget import SCHEDULES, TimeBudget, warmup_length
 from finetune.train.callbacks import DivergenceGuard, ProgressLog
 from finetune.train.checkpoints import resume_checkpoint, save_final
 from finetune.train.model import build_model, resolve_precision
@@ -139,7 +139,7 @@ def warmup_steps(method: MethodConfig, steps: int) -> int:
     first optimizer step (3% of the run, 1/6 of a 6-step benchmark) at lr 0. Rounded down, a short run has
     no warm-up and a long one keeps the usual ratio (1,000 steps x 0.03 = 30 steps).
     """
-    return int(math.floor(method.warmup_ratio * steps + 1e-9))
+    return warmup_length(method.warmup_ratio, steps)
 
 
 def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tuple[Any, dict]:
