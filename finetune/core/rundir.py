@@ -7,6 +7,7 @@
       checkpoints/  adapter/  train_log.json  tracking.json
       merged/  gptq/  gguf/<model>-<task>-<QUANT>.gguf  gguf/Modelfile.<QUANT>  gguf/schema.json  gguf/answer.gbnf
       predictions/<name>.jsonl  metrics.json  report.md  plots/
+      router.json                  the route stage's router (finetune.route), served by finetune-route
 """
 
 from __future__ import annotations
@@ -133,6 +134,10 @@ class RunDir:
     @property
     def report_path(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def router_path(self) -> Path:  # the route stage's router: signals, weights, threshold, curves
+        return self.root / "router.json"
 
     # ---- stage markers
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +19,7 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
     val = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
     if not train and not val:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for points, label, style in ((train, "training loss", "-"), (val, "validation loss", "o-")):
         if points:
@@ -46,7 +46,7 @@ def plot_confusion(predictions: list[dict], labels: list[str], title: str, path:
         truth = index.get(str(p["reference"]), index[other])
         guess = index.get(str(p.get("parsed")), index[other])
         counts[truth][guess] += 1
-    plt = _pyplot()
+    plt = pyplot()
     size = 2 + 0.5 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(counts, cmap="Blues")

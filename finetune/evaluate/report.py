@@ -247,6 +247,10 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
                            for p in wrong[: MAX_LISTED // 2]]) + [""]
     if confusion:
         lines += [f"![confusion matrix]({confusion.relative_to(run.root)})", ""]
+    if metrics.get("route"):
+        from finetune.evaluate.routing import routing_lines
+
+        lines += routing_lines(metrics["route"], head)
 
     lines += ["## Data", ""]
     validation = read_json(run.validation_report_path)

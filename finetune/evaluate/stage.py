@@ -35,7 +35,7 @@ from finetune.core.hardware import cpu_threads, torch_threads
 from finetune.core.rundir import RunDir, quant_of
 from finetune.data.rows import read_rows, run_task
 from finetune.evaluate.cache import answers_key, load_answers, save_answers
-from finetune.evaluate.metrics import score, write_predictions
+from finetune.evaluate.metrics import read_json, score, write_predictions
 from finetune.evaluate.report import write_report
 from finetune.models.loading import (
     device_for,
@@ -122,6 +122,7 @@ class Session:
         self.dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         self.models: dict[str, dict] = {}
         self.predictions: dict[str, list[dict]] = {}
+        self.outputs: dict[str, list[Generation]] = {}  # each model's answers as generated (finetune.route)
         constraint = task.answer_constraint() if cfg.evaluate.constrained else None
         self.constraint = describe(constraint)
         self.grammar = task.answer_grammar() if constraint is not None else None
@@ -143,7 +144,7 @@ class Session:
 
     def record(self, name: str, outputs: list[Generation], info: dict, wall_seconds: float | None = None) -> None:
         entry, predictions = score(self.task, self.rows, outputs, info, wall_seconds)
-        self.models[name], self.predictions[name] = entry, predictions
+        self.models[name], self.predictions[name], self.outputs[name] = entry, predictions, outputs
         log.info("[evaluate] %-16s %s=%s  %.2f s/example  %s tok/s", name, self.task.headline_metric,
                  entry.get(self.task.headline_metric), entry["latency_s_mean"], entry["tokens_per_s"])
 
@@ -344,6 +345,11 @@ def write_results(s: Session) -> dict:
         },
         "models": s.models,
     }
+    router = read_json(run.router_path)  # the route stage's results stay in the evaluation's files
+    if router is not None and router.get("task") == cfg.task.name:
+        from finetune.evaluate.routing import summary
+
+        metrics["route"] = summary(router)
     run.predictions_dir.mkdir(parents=True, exist_ok=True)
     for old in run.predictions_dir.glob("*.jsonl"):  # evaluate describes the run as it is now
         old.unlink()

@@ -16,6 +16,9 @@ class Generation:
     latency_s: float  # wall time until this answer was available (its whole batch, when batched)
     stopped: bool  # ended on a stop token (False: cut at max_new_tokens)
     batch: int = 0  # answers generated together share one latency
+    # Natural log-probability of each generated token (the stop token not included) under the model's own
+    # distribution before any grammar mask: the confidence signals of finetune.route. None: not recorded.
+    logprobs: list[float] | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import random
 import time
 from collections import deque
@@ -215,77 +216,104 @@ class Live:
         self.index, self.state, self.sampler, self.pos, self.slot = index, state, sampler, pos, slot
         self.started = time.perf_counter()
         self.token = -1  # sampled, to be decoded next
+        self.logprobs: list[float] = []
 
 
-def generate_llama_cpp_batched(
-    gguf_path: str | Path,
-    prompts: list[str],
-    stop_tokens: list[str],
-    sampling: Sampling,
-    *,
-    n_ctx: int,
-    parallel: int = 16,
-    n_threads: int | None = None,
-    bos_token: str | None = None,
-    grammar: str | None = None,
-) -> list[Generation]:
-    """generate_llama_cpp's answers, `parallel` sequences decoded per llama_decode.
+class BatchedLlama:
+    """An open GGUF with a context of `parallel` KV streams (and one for a shared prompt prefix) that answers
+    lists of prompts, `parallel` sequences per llama_decode; kept open between calls (finetune.route serves
+    one request after another through it). Close it, or use it as a context manager."""
 
-    n_ctx is each sequence's context (prompt + answer), as generate_llama_cpp's n_ctx; `grammar` is a
-    GBNF text (root rule "root") every answer must follow. Returns one Generation per prompt, in prompt
-    order: latency_s from the answer's first decode to its last token, batch = the slot it ran in
-    (answers of different slots overlap in time: the call's wall time is not the sum of latencies).
-    """
-    import llama_cpp
+    def __init__(self, gguf_path: str | Path, *, n_ctx: int, parallel: int = 16, n_threads: int | None = None,
+                 seed: int = 42):
+        import llama_cpp
 
-    if not 1 <= parallel <= MAX_PARALLEL:
-        raise ConfigError(f"parallel={parallel}: llama.cpp decodes 1 to {MAX_PARALLEL} sequences at once")
-    if not prompts:
-        return []
-    parallel = min(parallel, len(prompts))
-    threads = n_threads or cpu_threads()
-    results: list[Generation | None] = [None] * len(prompts)
-    with contextlib.ExitStack() as stack:
-        llm = stack.enter_context(open_gguf(Path(gguf_path), n_ctx=n_ctx, n_threads=threads,
-                                            n_threads_batch=threads, seed=sampling.seed))
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        if not 1 <= parallel <= MAX_PARALLEL:
+            raise ConfigError(f"parallel={parallel}: llama.cpp decodes 1 to {MAX_PARALLEL} sequences at once")
+        self.parallel, self.seed = parallel, seed
+        threads = n_threads or cpu_threads()
+        self._stack = contextlib.ExitStack()
+        try:
+            self.llm = self._stack.enter_context(open_gguf(Path(gguf_path), n_ctx=n_ctx, n_threads=threads,
+                                                           n_threads_batch=threads, seed=seed))
+            n_batch = max(min(n_ctx, 512), parallel)  # Llama's own n_batch: prompts are fed in the same chunks
+            self.dec = Decoder(self.llm, n_ctx, parallel + 1, threads, n_batch)
+            self._stack.callback(self.dec.close)
+        except BaseException:
+            self._stack.close()
+            raise
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self._pieces: dict[int, bytes] = {}
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "BatchedLlama":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def piece(self, token: int) -> bytes:
+        """The token's text as create_completion detokenizes it (special tokens render empty)."""
+        import llama_cpp
+
+        if token not in self._pieces:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:  # longer than the buffer: -n is its length
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            self._pieces[token] = buf.raw[:n]
+        return self._pieces[token]
+
+    def logprob(self, idx: int, token: int) -> float:
+        """Log-probability of `token` under the raw logits of output `idx` of the last decode."""
+        import llama_cpp
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.dec.ctx, idx), shape=(self.n_vocab,))
+        top = float(logits.max())
+        return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
+
+    def generate(self, prompts: list[str], stop_tokens: list[str], sampling: Sampling, *,
+                 bos_token: str | None = None, grammar: str | None = None) -> list[Generation]:
+        """See generate_llama_cpp_batched."""
+        import llama_cpp
+
+        if not prompts:
+            return []
+        dec, vocab, llm = self.dec, self.vocab, self.llm
+        parallel = min(self.parallel, len(prompts))
+        prefix_seq = self.parallel  # the extra stream
+        results: list[Generation | None] = [None] * len(prompts)
         token_lists = [prompt_tokens(llm, p, bos_token) for p in prompts]
         prefix = common_prefix(token_lists)
-        n_batch = max(min(n_ctx, 512), parallel)  # Llama's own n_batch: prompts are fed in the same chunks
-        dec = Decoder(llm, n_ctx, parallel + (1 if prefix else 0), threads, n_batch)
-        stack.callback(dec.close)
         seeds = completion_seeds(sampling.seed, len(prompts))
         stops = [s.encode("utf-8") for s in stop_tokens]
-        bos = llama_cpp.llama_vocab_bos(vocab)
-        pieces: dict[int, bytes] = {}
-
-        def piece(token: int) -> bytes:
-            """The token's text as create_completion detokenizes it (special tokens render empty)."""
-            if token not in pieces:
-                buf = ctypes.create_string_buffer(64)
-                n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-                if n < 0:  # longer than the buffer: -n is its length
-                    buf = ctypes.create_string_buffer(-n)
-                    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-                pieces[token] = buf.raw[:n]
-            return pieces[token]
-
         if prefix:
-            dec.decode_prompt(token_lists[0][:prefix], 0, parallel)
+            llama_cpp.llama_memory_seq_rm(dec.mem, prefix_seq, -1, -1)
+            dec.decode_prompt(token_lists[0][:prefix], 0, prefix_seq)
         slots: list[Live | None] = [None] * parallel
         waiting = deque(range(len(prompts)))
 
         def finish(seq: Live) -> None:
             results[seq.index] = Generation(
                 text=seq.state.text.decode("utf-8", errors="ignore"), n_tokens=len(seq.state.tokens),
-                latency_s=time.perf_counter() - seq.started, stopped=seq.state.stopped, batch=seq.slot)
+                latency_s=time.perf_counter() - seq.started, stopped=seq.state.stopped, batch=seq.slot,
+                logprobs=seq.logprobs[: len(seq.state.tokens)])
             llama_cpp.llama_sampler_free(seq.sampler)
             slots[seq.slot] = None
 
         def take(seq: Live, idx: int) -> bool:
             """Sample the sequence's next token from output `idx` of the last decode; True when finished."""
             token = llama_cpp.llama_sampler_sample(seq.sampler, dec.ctx, idx)
-            done = seq.state.add(token, llama_cpp.llama_vocab_is_eog(vocab, token))
+            is_eog = llama_cpp.llama_vocab_is_eog(vocab, token)
+            if not is_eog:
+                seq.logprobs.append(round(self.logprob(idx, token), 5))
+            done = seq.state.add(token, is_eog)
             if not done and seq.pos >= dec.n_ctx:
                 seq.state.cut()
                 done = True
@@ -307,10 +335,10 @@ def generate_llama_cpp_batched(
                     room = dec.n_ctx - len(tokens)
                     max_tokens = min(sampling.max_new_tokens, room) if sampling.max_new_tokens > 0 else room
                     sampler = new_sampler(vocab, sampling, seeds[i], grammar)
-                    seq = Live(i, AnswerState(stops, max_tokens, bos, piece), sampler, len(tokens), slot)
+                    seq = Live(i, AnswerState(stops, max_tokens, self.bos, self.piece), sampler, len(tokens), slot)
                     slots[slot] = seq
                     if prefix:
-                        dec.copy(parallel, slot)
+                        dec.copy(prefix_seq, slot)
                     else:
                         llama_cpp.llama_memory_seq_rm(dec.mem, slot, -1, -1)
                     dec.decode_prompt(tokens[prefix:], prefix, slot)
@@ -338,4 +366,35 @@ def generate_llama_cpp_batched(
             for seq in slots:
                 if seq is not None:
                     llama_cpp.llama_sampler_free(seq.sampler)
-    return results  # type: ignore[return-value]
+            for slot in range(parallel):  # the next call starts from empty streams
+                llama_cpp.llama_memory_seq_rm(dec.mem, slot, -1, -1)
+        return results  # type: ignore[return-value]
+
+
+def generate_llama_cpp_batched(
+    gguf_path: str | Path,
+    prompts: list[str],
+    stop_tokens: list[str],
+    sampling: Sampling,
+    *,
+    n_ctx: int,
+    parallel: int = 16,
+    n_threads: int | None = None,
+    bos_token: str | None = None,
+    grammar: str | None = None,
+) -> list[Generation]:
+    """generate_llama_cpp's answers, `parallel` sequences decoded per llama_decode.
+
+    n_ctx is each sequence's context (prompt + answer), as generate_llama_cpp's n_ctx; `grammar` is a
+    GBNF text (root rule "root") every answer must follow. Returns one Generation per prompt, in prompt
+    order: latency_s from the answer's first decode to its last token, batch = the slot it ran in
+    (answers of different slots overlap in time: the call's wall time is not the sum of latencies), and
+    each answer token's log-probability under the raw logits (logprobs).
+    """
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise ConfigError(f"parallel={parallel}: llama.cpp decodes 1 to {MAX_PARALLEL} sequences at once")
+    if not prompts:
+        return []
+    with BatchedLlama(gguf_path, n_ctx=n_ctx, parallel=min(parallel, len(prompts)), n_threads=n_threads,
+                      seed=sampling.seed) as llama:
+        return llama.generate(prompts, stop_tokens, sampling, bos_token=bos_token, grammar=grammar)

@@ -31,11 +31,13 @@ def generate_transformers(
     sampling: Sampling,
     batch_size: int = 16,
     grammar: str | None = None,
+    logprobs: bool = True,
 ) -> list[Generation]:
     """Batched generation with left padding; prompts are length-sorted to waste little on padding.
 
     `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, enforced
-    through llguidance; the same grammar llama.cpp's generate_llama_cpp takes."""
+    through llguidance; the same grammar llama.cpp's generate_llama_cpp takes. `logprobs`: record each
+    answer token's log-probability under the raw scores (finetune.runtimes.logprobs; Generation.logprobs)."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -71,6 +73,12 @@ def generate_transformers(
                 [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special
             ).to(device)
             processors = LogitsProcessorList()
+            recorder = None
+            if logprobs:
+                from finetune.runtimes.logprobs import TokenLogprobs
+
+                recorder = TokenLogprobs()
+                processors.append(recorder)  # first: the raw scores, before the grammar's mask
             if lltokenizer is not None:
                 from finetune.runtimes.constrained import GrammarMask
 
@@ -79,12 +87,14 @@ def generate_transformers(
             with torch.inference_mode():
                 out = model.generate(**batch, generation_config=gen_cfg, logits_processor=processors)
             latency = time.perf_counter() - t0
-            new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
-            for i, tokens in zip(idx, new_tokens):
+            generated = out[:, batch["input_ids"].shape[1] :]
+            token_logprobs = recorder.rows(generated) if recorder is not None else [None] * len(idx)
+            for i, tokens, lps in zip(idx, generated.tolist(), token_logprobs):
                 end = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
                 kept = tokens if end is None else tokens[:end]
                 text = tokenizer.decode(kept, skip_special_tokens=True)
-                results[i] = Generation(text, len(kept), latency, stopped=end is not None, batch=start)
+                results[i] = Generation(text, len(kept), latency, stopped=end is not None, batch=start,
+                                        logprobs=None if lps is None else [round(x, 5) for x in lps[: len(kept)]])
     finally:
         tokenizer.padding_side = padding_side
     return results  # type: ignore[return-value]
