@@ -16,10 +16,11 @@ def plot_route(router: dict, path: Any) -> Any:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, r in router["routers"].items():
-        for split, style in (("test", "-"), ("validation", ":")):
+    for k, (name, r) in enumerate(router["routers"].items()):
+        for split, style in (("test", "-"), ("validation", ":")):  # one colour per small model
             curve = r[split]["curve"]
-            ax.plot([p["share"] for p in curve], [p["quality"] for p in curve], style, label=f"{name} ({split})")
+            ax.plot([p["share"] for p in curve], [p["quality"] for p in curve], style, color=f"C{k}",
+                    label=f"{name} ({split})")
         at = r["test"]["at_threshold"]
         ax.plot([at["share_escalated"]], [at["quality"]], "o", color="black")
         ax.annotate(f"chosen ({name})", (at["share_escalated"], at["quality"]), fontsize=7,
