@@ -1,8 +1,15 @@
-"""GGUF evaluation speed: llama.cpp one prompt at a time vs continuous batching, in one process.
+"""Evaluation speed: one-batch-at-a-time vs continuous batching, in one process, llama.cpp or transformers.
 
     .venv/bin/python scripts/bench_eval.py [--gguf PATH ...] [--run-dir DIR] [--n 50] [--parallel 4,8,16]
                                            [--threads N] [--max-new-tokens N] [--sample] [finetune overrides...]
     e.g. ... --run-dir runs/x --parallel 8,16,32 --threads 2
+    .venv/bin/python scripts/bench_eval.py --transformers [--constrained] [--batch-size 16] [--n 50] ...
+
+With --transformers the model (RUN_DIR/merged, or the model's own weights; fp32) answers the same prompts
+through finetune.runtimes.transformers.generate_transformers twice: per-batch (continuous=False: one
+model.generate per `--batch-size` length-sorted prompts, what evaluation ran before) and continuous (finished
+answers leave the batch, waiting prompts take their slots); --constrained adds both under the task's answer
+grammar. Same columns as below, and the rows whose answers differ.
 
 For each GGUF (--gguf, repeatable; default: every RUN_DIR/gguf/*.gguf, or the packaged GGUF of the model
 when there is no --run-dir) the same prompts are answered by
@@ -76,6 +83,59 @@ def ggufs_for(cfg, run_dir: Path | None, given: list[str]) -> list[Path]:
     return [packaged_gguf_path(cfg.model)]
 
 
+def bench_transformers(a, cfg, run_dir: Path | None, prompts: list[str], references: list, task) -> None:
+    import torch
+
+    from finetune.core.hardware import torch_threads
+    from finetune.models.loading import load_model, load_tokenizer, saved_tokenizer
+    from finetune.runtimes.generation import Sampling
+    from finetune.runtimes.transformers import generate_transformers
+
+    merged = run_dir / "merged" if run_dir is not None else None
+    if merged is not None and merged.is_dir():
+        tokenizer, model = saved_tokenizer(cfg.model, merged), load_model(cfg.model, path=str(merged))
+    else:
+        tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model)
+    sampling = Sampling(max_new_tokens=a.max_new_tokens or cfg.task.max_new_tokens)
+    batch_size = a.batch_size or cfg.evaluate.batch_size
+    stops = list(cfg.model.stop_tokens)
+    key = task.headline_metric
+    print(f"transformers {cfg.model.hub_id} fp32, {len(prompts)} prompts of {cfg.task.name}, max_new_tokens "
+          f"{sampling.max_new_tokens}, greedy, batch_size {batch_size}, {torch.get_num_threads()} threads", flush=True)
+    out_rows = []
+    with torch_threads(a.threads):
+        generate_transformers(model, tokenizer, prompts[:2], stops, Sampling(max_new_tokens=4), continuous=False)
+        for grammar in [None] + ([task.answer_grammar()] if a.constrained else []):
+            reference = base_speed = None
+            for arm, continuous in (("per-batch", False), ("continuous", True)):
+                t0 = time.perf_counter()
+                outs = generate_transformers(model, tokenizer, prompts, stops, sampling, batch_size=batch_size,
+                                             grammar=grammar, continuous=continuous)
+                seconds = time.perf_counter() - t0
+                tokens = sum(o.n_tokens for o in outs)
+                speed = tokens / seconds
+                if reference is None:
+                    reference, base_speed = outs, speed
+                differ = [i for i, (o, r) in enumerate(zip(outs, reference))
+                          if (o.text, o.n_tokens, o.stopped) != (r.text, r.n_tokens, r.stopped)]
+                metrics, _ = task.score(references, [o.text for o in outs])
+                row = {"arm": arm, "constraint": "grammar" if grammar else "none", "seconds": round(seconds, 2),
+                       "tokens": tokens, "tokens_per_s": round(speed, 1), "ratio": round(speed / base_speed, 2),
+                       "identical": f"{len(outs) - len(differ)}/{len(outs)}",
+                       "cut_at_limit": sum(not o.stopped for o in outs), key: metrics.get(key), "differ": differ}
+                out_rows.append(row)
+                print(_bench.table([row], list(row)).splitlines()[-1], flush=True)
+                for i in differ:
+                    print(f"  row {i}: per-batch {reference[i].n_tokens} tokens {reference[i].text[:80]!r}\n"
+                          f"         continuous {outs[i].n_tokens} tokens {outs[i].text[:80]!r}")
+    print()
+    print(_bench.table(out_rows, ["arm", "constraint", "seconds", "tokens", "tokens_per_s", "ratio", "identical",
+                                  "cut_at_limit", key]))
+    _bench.emit({"machine": _bench.machine(), "runtime": "transformers", "model": cfg.model.hub_id,
+                 "n_prompts": len(prompts), "max_new_tokens": sampling.max_new_tokens, "batch_size": batch_size,
+                 "rows": out_rows})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", action="append", default=[], help="a GGUF to time (repeatable)")
@@ -85,8 +145,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the cores we may run on)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's max_new_tokens")
     p.add_argument("--sample", action="store_true", help="sample (evaluate.temperature/top_p, seed) instead of greedy")
+    p.add_argument("--transformers", action="store_true", help="time transformers per-batch vs continuous instead")
+    p.add_argument("--constrained", action="store_true", help="--transformers: also under the task's answer grammar")
+    p.add_argument("--batch-size", type=int, default=None, help="--transformers: default evaluate.batch_size")
     p.add_argument("overrides", nargs="*", help="finetune overrides, e.g. model=qwen2.5-0.5b task=classification")
     a = p.parse_args()
+    if a.transformers:
+        from finetune.tasks import get_task
+
+        run_dir = a.run_dir.resolve() if a.run_dir else None
+        cfg = config(run_dir, a.overrides)
+        rows = test_rows(cfg, run_dir, a.n)
+        prompts, _, _ = prompts_for(cfg, run_dir, rows)
+        bench_transformers(a, cfg, run_dir, prompts, [r["reference"] for r in rows], get_task(cfg.task))
+        return
 
     import llama_cpp
 

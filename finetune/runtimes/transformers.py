@@ -31,11 +31,15 @@ def generate_transformers(
     sampling: Sampling,
     batch_size: int = 16,
     grammar: str | None = None,
+    continuous: bool = True,
 ) -> list[Generation]:
     """Batched generation with left padding; prompts are length-sorted to waste little on padding.
 
     `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, enforced
-    through llguidance; the same grammar llama.cpp's generate_llama_cpp takes."""
+    through llguidance; the same grammar llama.cpp's generate_llama_cpp takes. `continuous`: greedy answers
+    through finetune.runtimes.transformers_batch, where finished answers leave the batch and waiting prompts
+    take their slots (`batch_size` of them), where the model allows it; otherwise (and when sampling) each
+    batch of `batch_size` prompts is one model.generate call, as long as its longest answer."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -65,6 +69,12 @@ def generate_transformers(
         torch.manual_seed(sampling.seed)
     model.eval()
     try:
+        if continuous and not sampling.do_sample and prompts:
+            from finetune.runtimes.transformers_batch import generate_continuous, supports_continuous
+
+            if supports_continuous(model):
+                return generate_continuous(model, tokenizer, prompts, order, stop_ids, sampling.max_new_tokens,
+                                           batch_size, add_special, lltokenizer, grammar)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = tokenizer(
