@@ -3,13 +3,14 @@
     .venv/bin/python scripts/bench_eval.py [--gguf PATH ...] [--run-dir DIR] [--n 50] [--parallel 4,8,16]
                                            [--threads N] [--max-new-tokens N] [--sample] [finetune overrides...]
     e.g. ... --run-dir runs/x --parallel 8,16,32 --threads 2
-    .venv/bin/python scripts/bench_eval.py --transformers [--constrained] [--batch-size 16] [--n 50] ...
+    .venv/bin/python scripts/bench_eval.py --transformers [--constraint none|grammar|both] [--batch-size 16] ...
 
 With --transformers the model (RUN_DIR/merged, or the model's own weights; fp32) answers the same prompts
 through finetune.runtimes.transformers.generate_transformers twice: per-batch (continuous=False: one
 model.generate per `--batch-size` length-sorted prompts, what evaluation ran before) and continuous (finished
-answers leave the batch, waiting prompts take their slots); --constrained adds both under the task's answer
-grammar. Same columns as below, and the rows whose answers differ.
+answers leave the batch, waiting prompts take their slots); --constraint grammar|both: under the task's
+answer grammar. Prompts as the evaluate stage's base pass writes them (evaluate.base_few_shot shots). Same columns
+as below, and the rows whose answers differ.
 
 For each GGUF (--gguf, repeatable; default: every RUN_DIR/gguf/*.gguf, or the packaged GGUF of the model
 when there is no --run-dir) the same prompts are answered by
@@ -83,11 +84,12 @@ def ggufs_for(cfg, run_dir: Path | None, given: list[str]) -> list[Path]:
     return [packaged_gguf_path(cfg.model)]
 
 
-def bench_transformers(a, cfg, run_dir: Path | None, prompts: list[str], references: list, task) -> None:
+def bench_transformers(a, cfg, run_dir: Path | None, rows: list[dict], task) -> None:
     import torch
 
     from finetune.core.hardware import torch_threads
-    from finetune.models.loading import load_model, load_tokenizer, saved_tokenizer
+    from finetune.evaluate.stage import pick_shots, with_shots
+    from finetune.models.loading import load_model, load_tokenizer, render_prompt, saved_tokenizer
     from finetune.runtimes.generation import Sampling
     from finetune.runtimes.transformers import generate_transformers
 
@@ -96,16 +98,25 @@ def bench_transformers(a, cfg, run_dir: Path | None, prompts: list[str], referen
         tokenizer, model = saved_tokenizer(cfg.model, merged), load_model(cfg.model, path=str(merged))
     else:
         tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model)
+    shots = []
+    if cfg.evaluate.base_few_shot:  # as the evaluate stage's base pass writes its prompts
+        from finetune.data.prepare import split_task_data
+
+        shots = pick_shots(split_task_data(cfg.task)[2]["train"], cfg.evaluate.base_few_shot, cfg.method.seed)
+    prompts = [render_prompt(tokenizer, with_shots(r["prompt"], shots), cfg.model) for r in rows]
+    references = [r["reference"] for r in rows]
     sampling = Sampling(max_new_tokens=a.max_new_tokens or cfg.task.max_new_tokens)
     batch_size = a.batch_size or cfg.evaluate.batch_size
     stops = list(cfg.model.stop_tokens)
     key = task.headline_metric
-    print(f"transformers {cfg.model.hub_id} fp32, {len(prompts)} prompts of {cfg.task.name}, max_new_tokens "
+    print(f"transformers {cfg.model.hub_id} fp32, {len(prompts)} prompts of {cfg.task.name} ({len(shots)}-shot), "
+          f"max_new_tokens "
           f"{sampling.max_new_tokens}, greedy, batch_size {batch_size}, {torch.get_num_threads()} threads", flush=True)
     out_rows = []
     with torch_threads(a.threads):
         generate_transformers(model, tokenizer, prompts[:2], stops, Sampling(max_new_tokens=4), continuous=False)
-        for grammar in [None] + ([task.answer_grammar()] if a.constrained else []):
+        grammars = {"none": [None], "grammar": [task.answer_grammar()], "both": [None, task.answer_grammar()]}
+        for grammar in grammars[a.constraint]:
             reference = base_speed = None
             for arm, continuous in (("per-batch", False), ("continuous", True)):
                 t0 = time.perf_counter()
@@ -132,7 +143,7 @@ def bench_transformers(a, cfg, run_dir: Path | None, prompts: list[str], referen
     print(_bench.table(out_rows, ["arm", "constraint", "seconds", "tokens", "tokens_per_s", "ratio", "identical",
                                   "cut_at_limit", key]))
     _bench.emit({"machine": _bench.machine(), "runtime": "transformers", "model": cfg.model.hub_id,
-                 "n_prompts": len(prompts), "max_new_tokens": sampling.max_new_tokens, "batch_size": batch_size,
+                 "n_prompts": len(prompts), "few_shot": len(shots), "max_new_tokens": sampling.max_new_tokens, "batch_size": batch_size,
                  "rows": out_rows})
 
 
@@ -146,7 +157,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's max_new_tokens")
     p.add_argument("--sample", action="store_true", help="sample (evaluate.temperature/top_p, seed) instead of greedy")
     p.add_argument("--transformers", action="store_true", help="time transformers per-batch vs continuous instead")
-    p.add_argument("--constrained", action="store_true", help="--transformers: also under the task's answer grammar")
+    p.add_argument("--constraint", choices=["none", "grammar", "both"], default="none",
+                   help="--transformers: free answers, answers under the task's grammar, or both")
+    p.add_argument("--rows", default=None, help="--transformers: these test rows (0-based, comma-separated), not --n")
     p.add_argument("--batch-size", type=int, default=None, help="--transformers: default evaluate.batch_size")
     p.add_argument("overrides", nargs="*", help="finetune overrides, e.g. model=qwen2.5-0.5b task=classification")
     a = p.parse_args()
@@ -155,9 +168,9 @@ def main() -> None:
 
         run_dir = a.run_dir.resolve() if a.run_dir else None
         cfg = config(run_dir, a.overrides)
-        rows = test_rows(cfg, run_dir, a.n)
-        prompts, _, _ = prompts_for(cfg, run_dir, rows)
-        bench_transformers(a, cfg, run_dir, prompts, [r["reference"] for r in rows], get_task(cfg.task))
+        picked = [int(i) for i in a.rows.split(",")] if a.rows else list(range(a.n))
+        rows = test_rows(cfg, run_dir, max(picked) + 1)
+        bench_transformers(a, cfg, run_dir, [rows[i] for i in picked], get_task(cfg.task))
         return
 
     import llama_cpp

@@ -12,8 +12,8 @@ from finetune.core.hardware import torch_threads
 from finetune.evaluate.stage import with_shots
 from finetune.models.loading import load_model, load_tokenizer, render_prompt
 from finetune.runtimes.generation import Sampling
-from finetune.runtimes.transformers import generate_transformers
-from finetune.runtimes.transformers_batch import supports_continuous
+from finetune.runtimes.transformers import generate_transformers, stop_token_ids
+from finetune.runtimes.transformers_batch import decode_greedy, supports_continuous
 from finetune.tasks import get_task
 
 STOP = ["<|im_end|>"]
@@ -92,3 +92,24 @@ def test_a_row_at_the_token_limit_leaves_the_others_unchanged(smollm2):
     assert all(g.stopped for g in mixed[1:]) and sum(g.n_tokens for g in mixed[1:]) < 64 * 3  # the others did not
     assert answers(mixed[1:]) == answers(without)
     assert answers(mixed[:1]) == answers(alone)
+
+
+def test_logprobs_are_the_raw_log_softmax_of_each_chosen_token(smollm2):
+    """decode_greedy's per-token log-probabilities (what Generation.logprobs records) equal a teacher-forced
+    forward pass over prompt + answer (+ the stop token), one row alone: no padding, no other rows."""
+    import torch
+
+    cfg, task, tokenizer, model = smollm2
+    prompts = extraction_prompts(cfg, task, tokenizer, zero_shot=False)[-2:]  # a two-shot one and "Say hi"
+    stop_ids = stop_token_ids(tokenizer, STOP)
+    with torch_threads(1), torch.inference_mode():
+        got = decode_greedy(model, tokenizer, prompts, [1, 0], stop_ids, 32, 2, True, want_logprobs=True)
+        assert [a.stopped for a in got] == [False, True]  # one cut at the limit, one stopped
+        for prompt, a in zip(prompts, got):
+            assert len(a.logprobs) == len(a.tokens) + a.stopped
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            chosen = torch.tensor([a.tokens + ([stop_ids[0]] if a.stopped else [])])
+            logits = model(input_ids=torch.cat([ids, chosen], dim=1)).logits[0, ids.shape[1] - 1 : -1]
+            expected = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen.T)[:, 0]
+            assert torch.allclose(torch.tensor(a.logprobs), expected, atol=1e-4), (a.logprobs[:5], expected[:5])
+            assert max(a.logprobs) <= 0 and min(a.logprobs) < -1e-3

@@ -15,13 +15,18 @@ differ in the last bits: a row shares its steps with other rows and other paddin
 and CPU kernels (SDPA's blocked softmax, GEMM blocking) then sum in another order; a near-tie of the top two
 logits may flip. scripts/bench_eval.py --transformers counts the identical answers.
 
-transformers' own continuous batching (generate_batch, ContinuousBatchingManager) is not used: its logits
-processors are built from the GenerationConfig and see a flat batch of tokens without the request each one
-belongs to, so a per-answer grammar matcher (GrammarMask) has nowhere to live.
+transformers' own continuous batching (model.generate_batch, ContinuousBatchingManager; 5.24) is not used.
+It runs on a CPU (paged sdpa) and its greedy tokens matched generate()'s on 4 prompts, but it took 3.4x the
+time of generate() one prompt at a time (26.5 s vs 7.7 s, 4 x 24 tokens, SmolLM2-135M fp32, 1 core), and it
+takes no logits processor of ours: its processors are built from the GenerationConfig (a `logits_processor=`
+argument is silently ignored) and see a flat batch of tokens, not the request each belongs to, so a
+per-answer grammar matcher has nowhere to live. Models this loop does not fit (supports_continuous) and
+sampling stay on generate().
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -53,8 +58,6 @@ def supports_continuous(model: Any) -> bool:
     """Whether this loop gives generate()'s greedy answers for the model: every layer keeps a plain growing
     cache (no sliding window, no linear attention), forward takes position ids, and the model's own
     generation_config adds no logits processor generate() would apply."""
-    import inspect
-
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -148,15 +151,24 @@ def choose(rows: list[Answer], logits: Any, stop_ids: set[int], max_new_tokens: 
     return chosen[:, None]
 
 
+def prefill(model: Any, input_ids: Any, mask: Any, cache_kw: str) -> tuple[Any, Any, Any]:
+    """One left-padded batch of prompts into a new cache, positions as generate() counts them; returns the
+    last position's logits, the cache and the mask."""
+    from transformers import DynamicCache
+
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache})
+    return out.logits[:, -1, :], cache, mask
+
+
 def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[int], stop_ids: list[int],
                   max_new_tokens: int, slots: int, add_special: bool, matcher: Any = None,
                   want_logprobs: bool = False) -> list[Answer]:
     """The answers to `prompts` (in prompt order), admitted in `order`, at most `slots` decoded at once.
-    `matcher`: an llguidance matcher each answer gets a fresh copy of. The tokenizer pads on the left."""
+    `matcher`: an llguidance matcher each answer gets a fresh copy of. `want_logprobs`: fill Answer.logprobs."""
     import torch
-    from transformers import DynamicCache
-
-    import inspect
 
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -166,41 +178,41 @@ def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[in
     answers: list[Answer | None] = [None] * len(prompts)
     batch = Batch()
     pending = None  # each live row's last chosen token, not yet in the cache
-    while waiting or batch.live:
-        free = slots - len(batch.live)
-        if free > 0 and waiting:
-            idx = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-            rows = [Answer(i, matcher.deep_copy() if matcher is not None else None) for i in idx]
-            for a in rows:
-                answers[a.index] = a
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=add_special).to(device)
-            mask = enc["attention_mask"]
-            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            cache = DynamicCache(config=model.config)
-            out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
-                        use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-            first = choose(rows, out.logits[:, -1, :], stops, max_new_tokens, want_logprobs)
-            batch.join(rows, cache, mask)
-            pending = first if pending is None else torch.cat([pending, first])
-        kept = [r for r, a in enumerate(batch.live) if not a.done]
-        if len(kept) < len(batch.live):
-            pending = pending[torch.tensor(kept, device=pending.device)] if kept else None
-            batch.drop_finished()
-        if not batch.live or (waiting and len(batch.live) < slots):
-            continue  # admit before decoding, so the new rows share this step
-        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.live), 1))], dim=1)
-        positions = batch.mask.long().sum(dim=1, keepdim=True)
-        out = model(input_ids=pending, attention_mask=mask, position_ids=positions,
-                    use_cache=True, logits_to_keep=1, **{cache_kw: batch.cache})
-        batch.mask = mask
-        pending = choose(batch.live, out.logits[:, -1, :], stops, max_new_tokens, want_logprobs)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        while waiting or batch.live:
+            free = slots - len(batch.live)
+            if free > 0 and waiting:
+                idx = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                rows = [Answer(i, matcher.deep_copy() if matcher is not None else None) for i in idx]
+                for a in rows:
+                    answers[a.index] = a
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special).to(device)
+                logits, cache, mask = prefill(model, enc["input_ids"], enc["attention_mask"], cache_kw)
+                first = choose(rows, logits, stops, max_new_tokens, want_logprobs)
+                batch.join(rows, cache, mask)
+                pending = first if pending is None else torch.cat([pending, first])
+            kept = [r for r, a in enumerate(batch.live) if not a.done]
+            if len(kept) < len(batch.live):
+                pending = pending[torch.tensor(kept, device=pending.device)] if kept else None
+                batch.drop_finished()
+            if not batch.live or (waiting and len(batch.live) < slots):
+                continue  # admit before decoding, so the new rows share this step
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.live), 1))], dim=1)
+            positions = batch.mask.long().sum(dim=1, keepdim=True)
+            out = model(input_ids=pending, attention_mask=mask, position_ids=positions,
+                        use_cache=True, logits_to_keep=1, **{cache_kw: batch.cache})
+            batch.mask = mask
+            pending = choose(batch.live, out.logits[:, -1, :], stops, max_new_tokens, want_logprobs)
+    finally:
+        tokenizer.padding_side = padding_side
     return answers  # type: ignore[return-value]
 
 
 def generate_continuous(model: Any, tokenizer: Any, prompts: list[str], order: list[int], stop_ids: list[int],
                         max_new_tokens: int, slots: int, add_special: bool, lltokenizer: Any = None,
-                        grammar: str | None = None) -> list[Generation]:
+                        grammar: str | None = None, logprobs: bool = False) -> list[Generation]:
     """generate_transformers' greedy answers through decode_greedy, in prompt order. All answers come back
     when the call ends, as one batch: latency_s is the whole call's wall time and batch is 0 for every answer
     (so finetune.evaluate.metrics, which adds up one latency per batch, counts the call's wall time)."""
@@ -214,9 +226,9 @@ def generate_continuous(model: Any, tokenizer: Any, prompts: list[str], order: l
     t0 = time.perf_counter()
     with torch.inference_mode():
         answers = decode_greedy(model, tokenizer, prompts, order, stop_ids, max_new_tokens, slots, add_special,
-                                matcher)
+                                matcher, want_logprobs=logprobs)
     latency = time.perf_counter() - t0
-    # Generation.logprobs, where it exists: decode_greedy(..., want_logprobs=True) and
-    # logprobs=[round(x, 5) for x in a.logprobs[: len(a.tokens)]] (the stop token's is the last, when stopped).
+    # For Generation.logprobs: logprobs=[round(x, 5) for x in a.logprobs[: len(a.tokens)]] if logprobs else None
+    # (a.logprobs ends with the stop token's when the answer stopped).
     return [Generation(tokenizer.decode(a.tokens, skip_special_tokens=True), len(a.tokens), latency,
                        stopped=a.stopped, batch=0) for a in answers]
