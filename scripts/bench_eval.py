@@ -84,6 +84,23 @@ def ggufs_for(cfg, run_dir: Path | None, given: list[str]) -> list[Path]:
     return [packaged_gguf_path(cfg.model)]
 
 
+def keep_loopers(a, cfg, task, model, tokenizer, rows: list[dict], prompts: list[str]):
+    """One untimed continuous pass; then every row that stopped and `--loopers` of those cut at the limit,
+    picked evenly along the length order (so each lands in another batch)."""
+    from finetune.runtimes.generation import Sampling
+    from finetune.runtimes.transformers import generate_transformers
+
+    grammar = task.answer_grammar() if a.constraint == "grammar" else None
+    outs = generate_transformers(model, tokenizer, prompts, list(cfg.model.stop_tokens),
+                                 Sampling(max_new_tokens=a.max_new_tokens or cfg.task.max_new_tokens), grammar=grammar)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    loopers = [i for i in order if not outs[i].stopped]
+    step = max(1, len(loopers) // max(1, a.loopers))
+    keep = sorted([i for i in order if outs[i].stopped] + loopers[::step][: a.loopers])
+    print(f"--loopers {a.loopers}: {len(loopers)} of {len(rows)} rows ran to the limit; kept rows {keep}", flush=True)
+    return [rows[i] for i in keep], [prompts[i] for i in keep]
+
+
 def bench_transformers(a, cfg, run_dir: Path | None, rows: list[dict], task) -> None:
     import torch
 
@@ -104,6 +121,8 @@ def bench_transformers(a, cfg, run_dir: Path | None, rows: list[dict], task) -> 
 
         shots = pick_shots(split_task_data(cfg.task)[2]["train"], cfg.evaluate.base_few_shot, cfg.method.seed)
     prompts = [render_prompt(tokenizer, with_shots(r["prompt"], shots), cfg.model) for r in rows]
+    if a.loopers is not None:  # the custom case: few answers run to the limit, spread over the batches
+        rows, prompts = keep_loopers(a, cfg, task, model, tokenizer, rows, prompts)
     references = [r["reference"] for r in rows]
     sampling = Sampling(max_new_tokens=a.max_new_tokens or cfg.task.max_new_tokens)
     batch_size = a.batch_size or cfg.evaluate.batch_size
@@ -159,6 +178,8 @@ def main() -> None:
     p.add_argument("--transformers", action="store_true", help="time transformers per-batch vs continuous instead")
     p.add_argument("--constraint", choices=["none", "grammar", "both"], default="none",
                    help="--transformers: free answers, answers under the task's grammar, or both")
+    p.add_argument("--loopers", type=int, default=None, help="--transformers: keep only this many rows that run "
+                   "to max_new_tokens, and all that stop (found by an untimed first pass)")
     p.add_argument("--rows", default=None, help="--transformers: these test rows (0-based, comma-separated), not --n")
     p.add_argument("--batch-size", type=int, default=None, help="--transformers: default evaluate.batch_size")
     p.add_argument("overrides", nargs="*", help="finetune overrides, e.g. model=qwen2.5-0.5b task=classification")
