@@ -44,6 +44,26 @@ def accepts(matcher: Any, tokens: list[int]) -> bool:
     return matcher.consume_tokens(list(tokens)) and matcher.is_accepting()
 
 
+def advance(matcher: Any, token: int, row: int) -> None:
+    """Feed the token a row generated to its matcher; the mask allowed it, so a refusal is a bug."""
+    if not matcher.consume_token(token):
+        raise RuntimeError(f"row {row}: token {token} broke the grammar it was allowed by: {matcher.get_error()}")
+
+
+def blocked_tokens(matchers: list[Any], vocab: int) -> Any:
+    """Per row, True for each of the `vocab` ids its matcher does not allow next (a None matcher: nothing blocked)."""
+    import torch
+
+    blocked = torch.zeros((len(matchers), vocab), dtype=torch.bool)
+    for i, matcher in enumerate(matchers):
+        if matcher is None:
+            continue
+        allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[:vocab] != 0
+        blocked[i, : allowed.shape[0]] = ~allowed
+        blocked[i, allowed.shape[0]:] = True  # ids the tokenizer does not have
+    return blocked
+
+
 class GrammarMask(LogitsProcessor):
     """Masks one batch of generate(): row i follows its own copy of the grammar."""
 
@@ -55,24 +75,15 @@ class GrammarMask(LogitsProcessor):
         self.started = False
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
         if self.started:  # the previous step's tokens: advance each row's grammar
             for i, token in enumerate(input_ids[:, -1].tolist()):
                 if self.done[i]:
                     continue
                 if token in self.stop_ids:
                     self.done[i] = True  # later tokens of this row are padding
-                elif not self.matchers[i].consume_token(token):
-                    raise RuntimeError(f"row {i}: token {token} broke the grammar it was allowed by: "
-                                       f"{self.matchers[i].get_error()}")
+                else:
+                    advance(self.matchers[i], token, i)
         self.started = True
-        vocab = scores.shape[-1]
-        blocked = torch.zeros(scores.shape, dtype=torch.bool)
-        for i, matcher in enumerate(self.matchers):
-            if self.done[i]:
-                continue
-            allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[:vocab] != 0
-            blocked[i, : allowed.shape[0]] = ~allowed
-            blocked[i, allowed.shape[0]:] = True  # ids the tokenizer does not have
+        live = [None if done else m for m, done in zip(self.matchers, self.done)]
+        blocked = blocked_tokens(live, scores.shape[-1])
         return scores.masked_fill(blocked.to(scores.device), float("-inf"))

@@ -32,12 +32,16 @@ def generate_transformers(
     batch_size: int = 16,
     grammar: str | None = None,
     logprobs: bool = True,
+    continuous: bool = True,
 ) -> list[Generation]:
     """Batched generation with left padding; prompts are length-sorted to waste little on padding.
 
     `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, enforced
     through llguidance; the same grammar llama.cpp's generate_llama_cpp takes. `logprobs`: record each
-    answer token's log-probability under the raw scores (finetune.runtimes.logprobs; Generation.logprobs)."""
+    answer token's log-probability under the raw scores (Generation.logprobs). `continuous`: greedy answers
+    through finetune.runtimes.transformers_batch, where finished answers leave the batch and waiting prompts
+    take their slots (`batch_size` of them), where the model allows it; otherwise (and when sampling) each
+    batch of `batch_size` prompts is one model.generate call, as long as its longest answer."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -67,6 +71,12 @@ def generate_transformers(
         torch.manual_seed(sampling.seed)
     model.eval()
     try:
+        if continuous and not sampling.do_sample and prompts:
+            from finetune.runtimes.transformers_batch import generate_continuous, supports_continuous
+
+            if supports_continuous(model):
+                return generate_continuous(model, tokenizer, prompts, order, stop_ids, sampling.max_new_tokens,
+                                           batch_size, add_special, lltokenizer, grammar, logprobs)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = tokenizer(
