@@ -14,6 +14,7 @@ from finetune.runtimes.generation import Sampling
 from finetune.runtimes.llamacpp import generate_llama_cpp, open_gguf, prompt_tokens
 from finetune.runtimes.llamacpp_batch import (
     AnswerState,
+    BatchedLlama,
     common_prefix,
     context_size,
     generate_llama_cpp_batched,
@@ -117,3 +118,16 @@ def test_common_prefix_leaves_each_prompt_two_tokens():
     assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 4]]) == 2
     assert common_prefix([[1, 2, 3]]) == 0
     assert context_size(107, 128) == 256 and context_size(120, 128) == 512
+
+
+def test_one_prompt_per_call_keeps_the_shared_prefix_and_the_answers(address_task):
+    """As a server answers (finetune-route): one prompt per call on one open BatchedLlama. From the second
+    call on, the prefix shared with the previous prompt (system prompt, template) stays decoded; the answers
+    are those of one-at-a-time create_completion, which keeps its own prompt cache the same way."""
+    gguf, prompts, bos, stops, n_ctx = address_task
+    sampling = Sampling(max_new_tokens=MAX_NEW_TOKENS)
+    one = generate_llama_cpp(gguf, prompts[:4], stops, sampling, n_ctx=n_ctx, n_threads=1, bos_token=bos)
+    with BatchedLlama(gguf, n_ctx=n_ctx, parallel=1, n_threads=1) as llama:
+        served = [llama.generate([p], stops, sampling, bos_token=bos)[0] for p in prompts[:4]]
+    assert answers(served) == answers(one)
+    assert all(len(g.logprobs) == g.n_tokens for g in served)

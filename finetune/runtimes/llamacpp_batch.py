@@ -17,8 +17,7 @@ at least two (prompts: hence a suffix of at least two tokens, and no one-token p
 hold for K-quants (Q4_K, Q5_K, Q6_K: the ffn_down of a Q4_K_M SmolLM2): repacked Q4_K runs gemm on groups
 of 4 rows and gemv on the rest, and ggml's tiled K-quant matmul takes over from 8 rows; their last-bit
 differences flip the int8 rounding of the next layer's activations and move logits by ~0.5. Answers then
-differ from one-at-a-time, which itself changes with the order of the prompts. docs/llamacpp-batching.md
-has the measurements and the two switches that make both paths agree.
+differ from one-at-a-time, which itself changes with the order of the prompts (docs/llamacpp-batching.md).
 """
 
 from __future__ import annotations
@@ -36,58 +35,9 @@ from finetune.core.errors import ConfigError, ExportError
 from finetune.core.hardware import cpu_threads
 from finetune.runtimes.generation import Generation, Sampling
 from finetune.runtimes.llamacpp import open_gguf, prompt_tokens
+from finetune.runtimes.llamacpp_stops import AnswerState  # noqa: F401 - part of this module's interface
 
 MAX_PARALLEL = 255  # llama.cpp holds at most 256 sequences; one stream holds the shared prefix
-
-
-class AnswerState:
-    """One answer's tokens and text, stopped as llama-cpp-python's create_completion stops: at an
-    end-of-generation token (not counted), at the first listed stop string found in the text (the text
-    cut there, the token counted), or at max_tokens; stop checks wait while the text ends inside a
-    UTF-8 character (its multibyte_fix, copied as it is)."""
-
-    def __init__(self, stops: list[bytes], max_tokens: int, bos: int, piece: Any):
-        self.stops, self.max_tokens, self.bos, self.piece = stops, max_tokens, bos, piece
-        self.tokens: list[int] = []
-        self.raw = b""
-        self.multibyte_fix = 0
-        self.text: bytes | None = None  # set when finished
-        self.stopped = False
-
-    def _all_text(self) -> bytes:
-        # llama-cpp-python's detokenize drops the space a leading BOS piece starts with
-        if self.tokens and self.tokens[0] == self.bos and self.raw[:1] == b" ":
-            return self.raw[1:]
-        return self.raw
-
-    def add(self, token: int, is_eog: bool) -> bool:
-        """Take the next sampled token; True when the answer is finished."""
-        if is_eog:
-            self.text, self.stopped = self._all_text(), True
-            return True
-        self.tokens.append(token)
-        self.raw += self.piece(token)
-        all_text = self._all_text()
-        for k, char in enumerate(all_text[-3:]):
-            k = 3 - k
-            for num, pattern in [(2, 192), (3, 224), (4, 240)]:
-                if num > k and pattern & char == pattern:
-                    self.multibyte_fix = num - k
-        if self.multibyte_fix > 0:
-            self.multibyte_fix -= 1
-            return False
-        hits = [s for s in self.stops if s in all_text]
-        if hits:
-            self.text, self.stopped = all_text[: all_text.index(hits[0])], True
-            return True
-        if len(self.tokens) >= self.max_tokens:
-            self.text = all_text
-            return True
-        return False
-
-    def cut(self) -> None:
-        """Finish at the end of the sequence's context (only reachable past max_tokens, see multibyte_fix)."""
-        self.text = self._all_text()
 
 
 def context_size(longest_prompt: int, max_new_tokens: int) -> int:
@@ -246,6 +196,8 @@ class BatchedLlama:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self._pieces: dict[int, bytes] = {}
+        self._last: list[int] = []  # the previous call's first prompt, and the prefix the prefix stream holds
+        self._held: list[int] = []
 
     def close(self) -> None:
         self._stack.close()
@@ -254,7 +206,7 @@ class BatchedLlama:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        self._stack.close()
 
     def piece(self, token: int) -> bytes:
         """The token's text as create_completion detokenizes it (special tokens render empty)."""
@@ -290,12 +242,18 @@ class BatchedLlama:
         prefix_seq = self.parallel  # the extra stream
         results: list[Generation | None] = [None] * len(prompts)
         token_lists = [prompt_tokens(llm, p, bos_token) for p in prompts]
-        prefix = common_prefix(token_lists)
+        # One prompt (a server's request): its prefix in common with the previous call's, as a server's
+        # prompt cache keeps it; the prefix stream holds it from the earlier call when it still matches.
+        prefix = common_prefix(token_lists if len(prompts) > 1 else [self._last, token_lists[0]])
+        self._last = token_lists[0]
         seeds = completion_seeds(sampling.seed, len(prompts))
         stops = [s.encode("utf-8") for s in stop_tokens]
-        if prefix:
+        if prefix and self._held[:prefix] == token_lists[0][:prefix] and len(self._held) >= prefix:
+            llama_cpp.llama_memory_seq_rm(dec.mem, prefix_seq, prefix, -1)  # keep exactly the shared part
+        elif prefix:
             llama_cpp.llama_memory_seq_rm(dec.mem, prefix_seq, -1, -1)
             dec.decode_prompt(token_lists[0][:prefix], 0, prefix_seq)
+        self._held = token_lists[0][:prefix] if prefix else self._held
         slots: list[Live | None] = [None] * parallel
         waiting = deque(range(len(prompts)))
 
@@ -391,10 +349,9 @@ def generate_llama_cpp_batched(
     (answers of different slots overlap in time: the call's wall time is not the sum of latencies), and
     each answer token's log-probability under the raw logits (logprobs).
     """
-    if not 1 <= parallel <= MAX_PARALLEL:
-        raise ConfigError(f"parallel={parallel}: llama.cpp decodes 1 to {MAX_PARALLEL} sequences at once")
     if not prompts:
         return []
-    with BatchedLlama(gguf_path, n_ctx=n_ctx, parallel=min(parallel, len(prompts)), n_threads=n_threads,
+    width = min(parallel, len(prompts)) if 1 <= parallel <= MAX_PARALLEL else parallel  # out of range: refused
+    with BatchedLlama(gguf_path, n_ctx=n_ctx, parallel=width, n_threads=n_threads,
                       seed=sampling.seed) as llama:
         return llama.generate(prompts, stop_tokens, sampling, bos_token=bos_token, grammar=grammar)
