@@ -344,7 +344,7 @@ def test_budget_schedule_matches_transformers_schedules():
 @pytest.mark.slow
 def test_budget_decides_the_steps_and_ends_on_the_schedule(tmp_path):
     cfg, run = tiny_run(tmp_path, ["method=lora", "method.max_steps=-1", "method.epochs=100",
-                                   "method.budget_minutes=0.25", "method.eval_steps=0", "method.precision=fp32"])
+                                   "method.budget_minutes=0.5", "method.eval_steps=0", "method.precision=fp32"])
     start = time.time()
     summary = train(cfg, run)
     seconds = time.time() - start
@@ -354,7 +354,7 @@ def test_budget_decides_the_steps_and_ends_on_the_schedule(tmp_path):
     history = json.loads(run.train_log_path.read_text())
     lrs = [h["learning_rate"] for h in history if "learning_rate" in h]
     assert lrs[-1] < 0.05 * cfg.method.lr  # the cosine decayed to (near) zero on the last step, not cut mid-way
-    assert seconds < 15 + 60  # the budget (15 s) plus loading the model and saving
+    assert seconds < 30 + 60  # the budget (30 s: room for steps after the 5 timed ones on a loaded CPU) + load, save
 
     # A resumed run keeps the decision instead of timing again.
     run.budget_path.write_text(json.dumps({**decision, "steps": 3}))
