@@ -60,6 +60,7 @@ def overhead(run_dir: Path, n: int) -> dict:
     grammar = LlamaGrammar.from_string(router.grammar, verbose=False) if router.grammar else None
     gguf = run.root / router.router["served"]["gguf"]
     alone, routed, router_ms = [], [], []
+    router.client = None  # no strong call: the router's own cost
     try:
         with open_gguf(gguf, n_ctx=router.llama.dec.n_ctx) as llm:
             for text in inputs:  # alternate, so both see the same machine state
@@ -69,7 +70,6 @@ def overhead(run_dir: Path, n: int) -> dict:
                                       max_tokens=router.sampling.max_new_tokens, temperature=0.0, top_k=0, min_p=0.0,
                                       repeat_penalty=1.0, stop=list(router.cfg.model.stop_tokens), grammar=grammar)
                 alone.append(1000 * (time.perf_counter() - t0))
-                router.client = None  # no strong call: the router's own cost
                 decision = router.answer(text)
                 routed.append(decision["latency_ms"])
                 router_ms.append(decision["router_ms"])

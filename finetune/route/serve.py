@@ -25,15 +25,14 @@ from omegaconf import OmegaConf
 
 from finetune.core.config import Config
 from finetune.core.errors import ConfigError
-from finetune.core.fingerprint import data_sha256, file_sha256
+from finetune.core.fingerprint import file_sha256
 from finetune.core.rundir import RunDir
 from finetune.data.rows import run_task
-from finetune.evaluate.stage import with_shots
+from finetune.evaluate.stage import sampling_from, with_shots
 from finetune.models.loading import saved_tokenizer, render_prompt
 from finetune.route.signals import Scorer, features
-from finetune.route.stage import FORMAT
+from finetune.route.stage import FORMAT, answer_format_sha256
 from finetune.route.strong import Endpoint
-from finetune.runtimes.generation import Sampling
 from finetune.runtimes.llamacpp_batch import BatchedLlama
 
 
@@ -51,9 +50,7 @@ def check_router(router: Any, cfg: Config, task: Any, source: Path) -> dict:
     if theirs != (cfg.task.name, cfg.model.name):
         raise ConfigError(f"{source} was fitted for task {theirs[0]!r} on model {theirs[1]!r}; this run is task "
                           f"{cfg.task.name!r} on {cfg.model.name!r}: refit it with the route stage of this run")
-    ours = data_sha256({"constraint": task.answer_constraint(), "system": task.system_prompt,
-                        "template": task.prompt_template})
-    if router.get("answer_constraint_sha256") != ours:
+    if router.get("answer_constraint_sha256") != answer_format_sha256(task):
         raise ConfigError(f"{source} was fitted for another prompt or answer format of task {cfg.task.name!r}: "
                           f"refit it (python -m finetune run_dir=... stages=[route])")
     if not router.get("served"):
@@ -84,7 +81,7 @@ class Router:
         self.escalate_below = served["escalate_below"]
         self.tokenizer = saved_tokenizer(self.cfg.model, self.run.adapter_dir, self.run.merged_dir)
         self.grammar = self.task.answer_grammar() if self.cfg.evaluate.constrained else None
-        self.sampling = Sampling(max_new_tokens=self.cfg.task.max_new_tokens)
+        self.sampling = sampling_from(self.cfg)  # the decoding the route stage fitted the confidence on
         strong = self.router["strong"]
         self.strong_url = strong_url or os.environ.get("FINETUNE_STRONG_URL") or (
             strong["spec"] if strong["kind"] == "endpoint" else None)

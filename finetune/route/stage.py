@@ -39,6 +39,12 @@ log = logging.getLogger("finetune")
 FORMAT = 1  # router.json's layout version
 
 
+def answer_format_sha256(task: Any) -> str:
+    """What a router's confidence was fitted to beyond task and model names: prompt and answer format."""
+    return data_sha256({"constraint": task.answer_constraint(), "system": task.system_prompt,
+                        "template": task.prompt_template})
+
+
 def small_gguf(run: RunDir, cfg: Config, name: str):
     quant = name.removeprefix("gguf-")
     return next((p for p in run.gguf_files(cfg.model.name, cfg.task.name) if quant_of(p) == quant), None)
@@ -91,8 +97,8 @@ def bad_rows(task: Any, scores: list[float]) -> list[bool]:
 
 def pick_scorer(task: Any, refs: list, small: list[str], strong: list[str], xs: list[dict], bad: list[bool]):
     """The single signal or cross-validated logistic combiner whose validation curve has the best mean quality."""
-    candidates = [(Scorer(kind="signal", signal=k), [Scorer(kind="signal", signal=k).confidence(x) for x in xs])
-                  for k in SIGNALS]
+    signals = [Scorer(kind="signal", signal=k) for k in SIGNALS]
+    candidates = [(scorer, [scorer.confidence(x) for x in xs]) for scorer in signals]
     if min(sum(bad), len(bad) - sum(bad)) >= 5:  # both classes in every fold
         def fit(train: list[int]):
             scorer = fit_logistic([xs[i] for i in train], [bad[i] for i in train])
@@ -169,8 +175,7 @@ def route(cfg: Config, run: RunDir) -> dict:
         "format": FORMAT,
         "task": cfg.task.name, "task_kind": str(cfg.task.kind), "headline_metric": task.headline_metric,
         "model": cfg.model.name,
-        "answer_constraint_sha256": data_sha256({"constraint": task.answer_constraint(), "system": task.system_prompt,
-                                                 "template": task.prompt_template}),
+        "answer_constraint_sha256": answer_format_sha256(task),
         "max_new_tokens": cfg.task.max_new_tokens,
         "strong": {"spec": r.strong, "kind": strong_kind(r.strong), "model": r.strong_model,
                    "few_shot": len(shots),
