@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from trainutil import ROOT, TINY
 
-from finetune.core.config import compose
+from finetune.core.config import compose, compose_dict, to_typed
 from finetune.core.rundir import RunDir
 
 
@@ -83,7 +83,10 @@ def test_default_run_directories_differ_between_processes():
     dirs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.strip() for _ in range(2)}
     assert len(dirs) == 2, dirs
-    assert compose().run_dir == compose().run_dir  # one process: one name
+    cfg = compose_dict()  # one composed config: one name, however often and late it is read
+    first = cfg.run_dir
+    time.sleep(1.1)  # past the next second of the timestamp in the name
+    assert cfg.run_dir == first and to_typed(cfg).run_dir == first
 
 
 def test_a_folder_that_is_not_a_run_directory_is_refused_and_left_alone(tmp_path):
