@@ -13,7 +13,6 @@ directory) is shared by every job, so it ends the sweep at once with its exit co
 """
 
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune.core import interrupts
 from finetune.core.config import CONF_DIR, register_configs
 from finetune.core.errors import ExportError, FinetuneError, TrainingDiverged
 
@@ -40,14 +40,6 @@ def report(exc: FinetuneError) -> int:
     return exc.exit_code
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the program is, so that every `finally` and staged write cleans up."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 INTERRUPTED = ("the stage in flight was not marked done and its unfinished files were removed; run the same "
                "command again (with run_dir=...) to continue: finished stages are reused, training resumes from "
                "its last checkpoint")
@@ -63,7 +55,7 @@ def main(cfg: DictConfig) -> float | None:
     search = sweep and "direction" in hydra_cfg.sweeper
     # A job of a sweep records its own overrides, the command that reproduces it as a single run.
     command = "python -m finetune " + " ".join(map(shlex.quote, hydra_cfg.overrides.task)) if sweep else None
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupts.install()
     # Raised inside Hydra's task function: SystemExit passes through Hydra's error handler untouched.
     try:
         typed = to_typed(cfg)
@@ -77,7 +69,7 @@ def main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         print(f"interrupted (Ctrl-C): {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
-    except Terminated:
+    except interrupts.Terminated:
         print(f"terminated (SIGTERM): {INTERRUPTED}", file=sys.stderr)
         sys.exit(143)
 

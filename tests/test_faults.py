@@ -226,6 +226,39 @@ def _start_and_wait_for(args: list[str], marker: str, log: Path) -> subprocess.P
     return proc
 
 
+SWALLOWED = """
+import os, signal, sys, time
+from pathlib import Path
+from finetune.core import interrupts
+from finetune.core.files import staged_dir
+from finetune.core.rundir import RunDir
+interrupts.install()
+run = RunDir(Path(sys.argv[1]))
+for step in ("commit", "mark_done"):
+    try:
+        with staged_dir(run.merged_dir) if step == "commit" else open(os.devnull) as tmp:
+            try:  # what importing GPTQModel does with a Ctrl-C that lands during the import
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except BaseException:
+                pass
+            if step == "commit":
+                (tmp / "model.safetensors").write_text("weights")
+        run.mark_done("merge", {})
+        print(step, "not interrupted")
+    except KeyboardInterrupt:
+        print(step, "interrupted")
+"""
+
+
+def test_an_interrupt_a_library_swallows_still_stops_the_stage(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SWALLOWED, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.split("\n")[:2] == ["commit interrupted", "mark_done interrupted"], out.stdout + out.stderr
+    run = RunDir(tmp_path)
+    assert not run.merged_dir.exists() and not run.is_done("merge") and not list(tmp_path.rglob(".tmp-*"))
+
+
 @pytest.mark.slow
 def test_interrupts_during_export_leave_no_done_marker_no_temp_files_and_no_children(tmp_path):
     data = write_rows(tmp_path / "addresses.jsonl", rows(30))

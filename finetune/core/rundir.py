@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from finetune.core import interrupts
 from finetune.core.errors import RunDirError
 from finetune.core.files import TMP_PREFIX, write_json_atomic
 
@@ -161,6 +162,7 @@ class RunDir:
         return json.loads(self.stage_marker(stage).read_text())
 
     def mark_done(self, stage: str, summary: dict) -> None:
+        interrupts.check()  # a stage interrupted on the way (even where a library caught it) is not done
         self.stages_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.stage_marker(stage), summary)
 
