@@ -39,25 +39,24 @@ from finetune.core.errors import ConfigError, DataError, FinetuneError, RunDirEr
 from finetune.core.files import write_json_atomic
 from finetune.core.fingerprint import data_sha256, file_sha256, paths_sha256
 from finetune.core.rundir import RunDir
-from finetune.data.prepare import prepare
-from finetune.evaluate.stage import evaluate
-from finetune.route.stage import route
 from finetune.route.strong import strong_kind
-from finetune.export.gguf import export_gguf
 from finetune.export.converter import normalize_quant_type
-from finetune.export.gptq import quantize
-from finetune.export.merge import merge
-from finetune.export.ollama.modelfile import write_modelfiles
 from finetune.models.families import family
 from finetune.models.loading import check_available
 from finetune.tasks import get_task
-from finetune.train.stage import train
 
 log = logging.getLogger("finetune")
 
 
 def _none(cfg: Config, run: RunDir) -> list[Path]:
     return []
+
+
+def _lazy(target: str) -> Callable[[Config, RunDir], dict]:
+    """The stage function at "module:name", imported when the stage runs: a config error is reported
+    without first importing training, export and evaluation (~8 s)."""
+    module, name = target.split(":")
+    return lambda cfg, run: getattr(importlib.import_module(module), name)(cfg, run)
 
 
 @dataclass(frozen=True)
@@ -73,23 +72,27 @@ class Stage:
 
 
 STAGES: list[Stage] = [
-    Stage("data", prepare, config=["task", "model.name", "model.family", "model.chat_template", "method.max_length"],
+    Stage("data", _lazy("finetune.data.prepare:prepare"),
+          config=["task", "model.name", "model.family", "model.chat_template", "method.max_length"],
           outputs=lambda cfg, run: [run.data_dir]),
-    Stage("train", train, requires=["data"], config=["model", "method", "device"],
+    Stage("train", _lazy("finetune.train.stage:train"), requires=["data"], config=["model", "method", "device"],
           outputs=lambda cfg, run: [run.adapter_dir], state=lambda cfg, run: [run.checkpoints_dir], all_ranks=True),
-    Stage("merge", merge, requires=["train"], config=["model", "export.merge"],
+    Stage("merge", _lazy("finetune.export.merge:merge"), requires=["train"], config=["model", "export.merge"],
           outputs=lambda cfg, run: [run.merged_dir]),
-    Stage("gptq", quantize, requires=["merge"], config=["export.gptq"], outputs=lambda cfg, run: [run.gptq_dir]),
-    Stage("gguf", export_gguf, requires=["merge"], config=["export.gguf", "export.verify"],
+    Stage("gptq", _lazy("finetune.export.gptq:quantize"), requires=["merge"], config=["export.gptq"],
+          outputs=lambda cfg, run: [run.gptq_dir]),
+    Stage("gguf", _lazy("finetune.export.gguf:export_gguf"), requires=["merge"],
+          config=["export.gguf", "export.verify"],
           outputs=lambda cfg, run: run.gguf_files(cfg.model.name, cfg.task.name)),
-    Stage("ollama", write_modelfiles, requires=["gguf"],
+    Stage("ollama", _lazy("finetune.export.ollama.modelfile:write_modelfiles"), requires=["gguf"],
           config=["export.ollama", "export.verify", "task.system_prompt", "task.prompt_template", "task.kind",
                   "task.fields", "task.json_schema", "task.labels"],
           outputs=lambda cfg, run: (sorted(run.gguf_dir.glob("Modelfile.*")) if run.gguf_dir.is_dir() else [])
           + [p for p in (run.answer_schema_path, run.answer_grammar_path) if p.is_file()]),
-    Stage("evaluate", evaluate, requires=["data"], always_rerun=True),
+    Stage("evaluate", _lazy("finetune.evaluate.stage:evaluate"), requires=["data"], always_rerun=True),
     # Reads the models (train, gguf), not the evaluation: it answers its own validation and test rows.
-    Stage("route", route, requires=["data", "train"], config=["route", "evaluate", "export.gguf", "task"],
+    Stage("route", _lazy("finetune.route.stage:route"), requires=["data", "train"],
+          config=["route", "evaluate", "export.gguf", "task"],
           outputs=lambda cfg, run: [run.router_path] if cfg.route.strong else []),
 ]
 BY_NAME = {s.name: s for s in STAGES}
@@ -132,13 +135,13 @@ def check_config(cfg: Config, stages: list[Stage] | None = None) -> None:
         problems.append("checking the Modelfile TEMPLATE needs Go (Debian: apt-get install golang-go), "
                         "or export.verify=false")
     models = [cfg.model] if names & {"data", "train", "merge", "evaluate"} else []
-    if "route" in names and cfg.route.strong and strong_kind(cfg.route.strong) == "registry":
+    strong = strong_kind(cfg.route.strong) if "route" in names and cfg.route.strong else None
+    if strong == "registry":
         try:
             models.append(model_config(cfg.route.strong))
         except ConfigError as exc:
             problems.append(f"route.strong: {exc}")
-    if "route" in names and cfg.route.strong and strong_kind(cfg.route.strong) == "gguf" \
-            and not Path(cfg.route.strong).is_file():
+    if strong == "gguf" and not Path(cfg.route.strong).is_file():
         problems.append(f"route.strong={cfg.route.strong}: no such GGUF file")
     if "evaluate" in names:
         for name in cfg.evaluate.compare:
