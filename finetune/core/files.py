@@ -60,10 +60,6 @@ def staged_dir(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact is not
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
         interrupts.check()  # an interrupt some library swallowed inside the block: nothing becomes final
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
