@@ -314,6 +314,17 @@ def register_configs() -> None:
     # ${process_id:} in the default run_dir: two runs started in the same second get different folders.
     if not OmegaConf.has_resolver("process_id"):
         OmegaConf.register_new_resolver("process_id", lambda: str(os.getpid()), use_cache=True)
+    # ${if_cpu_bf16:A,B}: A on a CPU with native bf16 (AVX512-BF16/AMX), else B (the default training budget).
+    if not OmegaConf.has_resolver("if_cpu_bf16"):
+        OmegaConf.register_new_resolver("if_cpu_bf16", if_cpu_bf16)
+
+
+def if_cpu_bf16(native: Any, otherwise: Any) -> Any:
+    """`native` where this CPU computes bf16 natively, else `otherwise`: a default sized by time has to know
+    that fp32 training steps are ~3x slower than bf16 ones (docs/training.md)."""
+    from finetune.core.hardware import cpu_supports_bf16
+
+    return native if cpu_supports_bf16() else otherwise
 
 
 # Where the YAML files live: the source checkout's conf/, or the copy packaged as finetune/conf.
