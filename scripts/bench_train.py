@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_train.py [--method lora] [--steps 5] [--rounds 3] [finetune overrides...]
     e.g. ... method.packing=true method.batch_size=1 method.grad_accum=4
+    ... --method full --before 'method.optim=adamw_torch method.padding_free=false'  (ours vs ours as it was)
 
     (GPU: bash scripts/gpu_check.sh bench DIR [qlora lora qlora-packed lora-b64 qlora-b64 ...])
 
@@ -311,6 +312,9 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=24)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--arms", default="ours,plain", help="ours,plain | ours | plain (memory of one arm alone)")
+    p.add_argument("--before", default=None, metavar="OVERRIDES",
+                   help="instead of plain TRL, the baseline arm is ours with these overrides added (today's path), "
+                        "e.g. --before 'method.optim=adamw_torch method.padding_free=false'")
     p.add_argument("overrides", nargs="*", help="finetune overrides, e.g. method.packing=true")
     a = p.parse_args()
 
@@ -342,10 +346,15 @@ def main() -> None:
     run, ours, info = build_ours(cfg, tmp / "run")
     print(f"ours built in {time.time() - t0:.0f}s", flush=True)
     arms_wanted = a.arms.split(",")
+    base_name = "before" if a.before else "plain"
+    before_cfg = compose(overrides + [f"run_dir={tmp / 'before'}", *a.before.split()]) if a.before else None
     batch = a.baseline_batch or int(m.batch_size) * int(m.grad_accum)
     lr = a.baseline_lr if a.baseline_lr is not None else float(m.lr)
-    plain = build_plain(cfg, run, tmp / "plain", batch, lr, total_steps, a.baseline_fp32) if "plain" in arms_wanted else None
-    print(f"plain built at {time.time() - t0:.0f}s", flush=True)
+    if before_cfg is not None:
+        _, plain, before_info = build_ours(before_cfg, tmp / "before")
+    else:
+        plain = build_plain(cfg, run, tmp / "plain", batch, lr, total_steps, a.baseline_fp32) if "plain" in arms_wanted else None
+    print(f"{base_name} built at {time.time() - t0:.0f}s", flush=True)
     val = tokenized_validation(cfg, run, plain or ours, a.eval_rows)
     setup_s = time.time() - t0
     text_config = ours.model.config.get_text_config()
@@ -353,17 +362,23 @@ def main() -> None:
     if "ours" in arms_wanted:
         arms.append(Arm("ours", ours, a.steps, text_config))
     if plain is not None:
-        arms.append(Arm("plain", plain, a.steps, text_config))
-    settings = {
-        "ours": {"method": str(m.name.value), "precision": info["precision"], "batch_size": int(m.batch_size),
-                 "grad_accum": int(m.grad_accum), "packing": bool(m.packing), "max_length": int(m.max_length),
-                 "lr": float(m.lr), "scheduler": str(m.lr_scheduler), "grad_ckpt": bool(m.gradient_checkpointing),
-                 "compile": bool(m.torch_compile), "warmup_steps": info["warmup_steps"]},
-    }
-    if plain is not None:
+        arms.append(Arm(base_name, plain, a.steps, text_config))
+
+    def our_settings(m, info) -> dict:
+        return {"method": str(m.name.value), "precision": info["precision"], "batch_size": int(m.batch_size),
+                "grad_accum": int(m.grad_accum), "packing": bool(m.packing), "padding_free": bool(m.padding_free),
+                "optim": str(m.optim), "max_length": int(m.max_length), "lr": float(m.lr),
+                "scheduler": str(m.lr_scheduler), "grad_ckpt": bool(m.gradient_checkpointing),
+                "compile": bool(m.torch_compile), "warmup_steps": info["warmup_steps"]}
+
+    settings = {"ours": our_settings(m, info)}
+    if before_cfg is not None:
+        settings["before"] = our_settings(before_cfg.method, before_info)
+    elif plain is not None:
         pa = plain.args
         settings["plain"] = {"precision": "bf16" if pa.bf16 else "fp16" if pa.fp16 else "fp32",
                              "batch_size": batch, "grad_accum": 1, "packing": bool(pa.packing),
+                             "padding_free": bool(pa.padding_free), "optim": str(getattr(pa.optim, "value", pa.optim)),
                              "max_length": pa.max_length, "lr": lr, "scheduler": str(pa.lr_scheduler_type.value),
                              "grad_ckpt": bool(pa.gradient_checkpointing),
                              "compile": bool(pa.torch_compile), "warmup_steps": pa.get_warmup_steps(total_steps)}
@@ -414,32 +429,34 @@ def main() -> None:
             "matmul_params_frozen": arm.n_frozen, "matmul_params_trainable": arm.n_trainable,
         })
     by = {r["arm"]: r for r in results}
-    ratio = round(by["ours"]["tok_s"] / by["plain"]["tok_s"], 2) if len(by) == 2 else None
+    ratio = round(by["ours"]["tok_s"] / by[base_name]["tok_s"], 2) if len(by) == 2 else None
     # Time to equal loss: the training seconds (round 1 included) each arm needs to reach the higher of the
     # two final validation losses. The ratio is the speed-up that counts when the arms differ in how much
     # they learn per token (batch size, packing, schedule).
     time_ratio = target = None
     if len(by) == 2:
-        target = max(curves["ours"][-1][1], curves["plain"][-1][1])
-        t_ours, t_plain = (seconds_to_loss(time_curves[k], target) for k in ("ours", "plain"))
-        for k, t in (("ours", t_ours), ("plain", t_plain)):
+        target = max(curves["ours"][-1][1], curves[base_name][-1][1])
+        t_ours, t_plain = (seconds_to_loss(time_curves[k], target) for k in ("ours", base_name))
+        for k, t in (("ours", t_ours), (base_name, t_plain)):
             by[k]["seconds_to_loss"] = round(t, 1) if t is not None else None
         time_ratio = round(t_plain / t_ours, 2) if t_ours and t_plain else None
     out = {"machine": _bench.machine(), "gemm_peak_gflop_s": gemm, "peak_rss_mb_process": _bench.peak_rss_mb(),
            "steps_per_round": a.steps, "rounds": a.rounds, "equal_tokens": int(common),
+           "baseline_arm": base_name, "before_overrides": a.before,
            "ratio_ours_over_plain_tok_s": ratio, "loss_target": round(target, 4) if target else None,
            "ratio_plain_over_ours_seconds_to_loss": time_ratio, "overrides": a.overrides, "arms": results,
            "curves": {k: [(int(t), round(l, 4)) for t, l in v] for k, v in curves.items()},
            "time_curves": {k: [(round(t, 1), round(l, 4)) for t, l in v] for k, v in time_curves.items()}}
     print()
-    print(_bench.table(results, ["arm", "method", "precision", "batch_size", "grad_accum", "packing", "grad_ckpt", "compile", "max_length",
+    print(_bench.table(results, ["arm", "method", "precision", "batch_size", "grad_accum", "packing", "padding_free", "optim",
+                                 "grad_ckpt", "compile", "max_length",
                                  "round1_s", "tok_s", "label_tok_s", "tokens_per_step", "gflop_s", "util_fp32", "util_bf16",
                                  "val_loss_at_equal_tokens", "val_loss_end", "seconds_to_loss"]
                         + (["cuda_peak_mb"] if torch.cuda.is_available() else [])))
     if len(by) == 2:
         print(f"\ntime to validation loss {target:.4f} (the higher final loss; training seconds, round 1 included): "
-              f"plain/ours = {time_ratio}")
-    print(f"\nours/plain tokens/s: {ratio}   (loss compared at {int(common)} trained tokens; first round = warm-up, "
+              f"{base_name}/ours = {time_ratio}")
+    print(f"\nours/{base_name} tokens/s: {ratio}   (loss compared at {int(common)} trained tokens; first round = warm-up, "
           f"not timed)   GEMM peak {gemm} GFLOP/s   peak RSS (process, both arms) {out['peak_rss_mb_process']} MB   "
           f"load {out['machine']['load_avg']}")
     _bench.emit(out)

@@ -47,6 +47,10 @@ def test_sft_config_takes_every_knob_from_the_method(tmp_path):
     assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss" and not args.greater_is_better
     assert args.output_dir == str(tmp_path / "checkpoints")
     assert not args.logging_nan_inf_filter
+    assert args.optim == "adamw_torch_fused" and not args.padding_free
+    # SmolLM2's full fine-tuning drops the padding (TRL wants no max_length then: the data stage enforces it)
+    full = sft_config(compose(["method=full", f"run_dir={tmp_path}"]), RunDir(tmp_path), "cpu", "fp32", has_eval=True)
+    assert full.padding_free and full.max_length is None and not full.packing
     no_eval = sft_config(cfg, RunDir(tmp_path), "cpu", "fp32", has_eval=False)
     assert no_eval.eval_strategy == "no" and not no_eval.load_best_model_at_end and not no_eval.bf16
 
@@ -73,12 +77,14 @@ def test_the_first_optimizer_step_has_the_full_learning_rate(tmp_path):
 
 
 @pytest.mark.slow
-def test_packed_examples_do_not_attend_to_each_other(tmp_path):
-    """method.packing: TRL packs rows into one padding-free sequence whose position_ids restart per example;
-    with sdpa the model must turn that into a block-diagonal mask. The trainer's loss on a packed batch equals
-    the loss of the same examples run one by one."""
-    cfg, run = tiny_run(tmp_path, ["method=lora", "method.packing=true", "method.batch_size=1",
-                                   "method.max_length=256", "method.precision=fp32", "method.lora_dropout=0"])
+@pytest.mark.parametrize("layout", [["method.packing=true", "method.batch_size=1"],  # bins of several rows
+                                    ["method.padding_free=true", "method.batch_size=3"]])  # a batch's rows, unpadded
+def test_packed_examples_do_not_attend_to_each_other(tmp_path, layout):
+    """method.packing / method.padding_free: TRL concatenates rows into one unpadded sequence whose position_ids
+    restart per example; with sdpa the model must turn that into a block-diagonal mask. The trainer's loss on
+    such a batch equals the loss of the same examples run one by one."""
+    cfg, run = tiny_run(tmp_path, ["method=lora", *layout, "method.max_length=256", "method.precision=fp32",
+                                   "method.lora_dropout=0"])
     trainer, _ = build_trainer(cfg, run)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # flattened, no padding

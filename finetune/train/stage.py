@@ -95,8 +95,9 @@ def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: 
         per_device_train_batch_size=m.batch_size,
         per_device_eval_batch_size=m.batch_size,
         gradient_accumulation_steps=m.grad_accum,
-        max_length=m.max_length,
+        max_length=None if m.padding_free and not m.packing else m.max_length,
         packing=m.packing,
+        padding_free=m.padding_free,
         completion_only_loss=True,
         eos_token=cfg.model.eos_token,
         activation_checkpointing=m.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
