@@ -351,18 +351,18 @@ def main() -> None:
     batch = a.baseline_batch or int(m.batch_size) * int(m.grad_accum)
     lr = a.baseline_lr if a.baseline_lr is not None else float(m.lr)
     if before_cfg is not None:
-        _, plain, before_info = build_ours(before_cfg, tmp / "before")
+        _, baseline, before_info = build_ours(before_cfg, tmp / "before")
     else:
-        plain = build_plain(cfg, run, tmp / "plain", batch, lr, total_steps, a.baseline_fp32) if "plain" in arms_wanted else None
+        baseline = build_plain(cfg, run, tmp / "plain", batch, lr, total_steps, a.baseline_fp32) if "plain" in arms_wanted else None
     print(f"{base_name} built at {time.time() - t0:.0f}s", flush=True)
-    val = tokenized_validation(cfg, run, plain or ours, a.eval_rows)
+    val = tokenized_validation(cfg, run, baseline or ours, a.eval_rows)
     setup_s = time.time() - t0
     text_config = ours.model.config.get_text_config()
     arms = []
     if "ours" in arms_wanted:
         arms.append(Arm("ours", ours, a.steps, text_config))
-    if plain is not None:
-        arms.append(Arm(base_name, plain, a.steps, text_config))
+    if baseline is not None:
+        arms.append(Arm(base_name, baseline, a.steps, text_config))
 
     def our_settings(m, info) -> dict:
         return {"method": str(m.name.value), "precision": info["precision"], "batch_size": int(m.batch_size),
@@ -374,8 +374,8 @@ def main() -> None:
     settings = {"ours": our_settings(m, info)}
     if before_cfg is not None:
         settings["before"] = our_settings(before_cfg.method, before_info)
-    elif plain is not None:
-        pa = plain.args
+    elif baseline is not None:
+        pa = baseline.args
         settings["plain"] = {"precision": "bf16" if pa.bf16 else "fp16" if pa.fp16 else "fp32",
                              "batch_size": batch, "grad_accum": 1, "packing": bool(pa.packing),
                              "padding_free": bool(pa.padding_free), "optim": str(getattr(pa.optim, "value", pa.optim)),

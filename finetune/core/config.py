@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from finetune.core import hardware
 from finetune.core.errors import ConfigError
 
 
@@ -327,9 +328,7 @@ def register_configs() -> None:
 def if_cpu_bf16(native: Any, otherwise: Any) -> Any:
     """`native` where this CPU computes bf16 natively, else `otherwise`: a default sized by time has to know
     that fp32 training steps are ~3x slower than bf16 ones (docs/training.md)."""
-    from finetune.core.hardware import cpu_supports_bf16
-
-    return native if cpu_supports_bf16() else otherwise
+    return native if hardware.cpu_supports_bf16() else otherwise
 
 
 # Where the YAML files live: the source checkout's conf/, or the copy packaged as finetune/conf.
