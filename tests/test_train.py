@@ -347,6 +347,44 @@ def test_budget_schedule_matches_transformers_schedules():
         assert ours == pytest.approx(theirs, abs=1e-12), name
 
 
+def test_budget_revises_its_decision_as_steps_slow_down_and_evaluations_take_time(tmp_path, monkeypatch):
+    """Steps 2-5 (timed first) run at 1 s, later ones at 1.5 s, and every 10th step adds a 3 s evaluation and
+    every 20th a 2 s save (the trainer's own order: step, evaluation, save; the last step does both): the
+    first decision alone would train ~95 s of a 60 s budget; revised, training ends within a step of it, on
+    the schedule's last step."""
+    from transformers import TrainerControl, TrainerState
+
+    from finetune.train import budget as budget_module
+    from finetune.train.budget import TimeBudget
+
+    clock = [1000.0]
+    monkeypatch.setattr(budget_module.time, "time", lambda: clock[0])
+    cb = TimeBudget(1.0, "cosine", 0.05, tmp_path / "budget.json")
+    state, control = TrainerState(max_steps=1000), TrainerControl()
+    cb.on_train_begin(None, state, control)
+    factors = []
+    for step in range(1, 1001):
+        clock[0] += 1.0 if step <= 5 else 1.5
+        state.global_step = step
+        cb.on_step_end(None, state, control)
+        factors.append(cb.factor(step))
+        last = control.should_training_stop or step >= state.max_steps
+        if step % 10 == 0 or last:
+            clock[0] += 3.0
+            cb.on_evaluate(None, state, control)
+        if step % 20 == 0 or last:
+            clock[0] += 2.0
+            cb.on_save(None, state, control)
+        if last:
+            break
+    elapsed = clock[0] - 1000.0
+    decision = json.loads((tmp_path / "budget.json").read_text())
+    assert decision["first_decision"]["steps"] == 60  # 55 s left at 1 s per step: ~95 s had it stood
+    assert step == decision["steps"] < 45 and 60 - 1.5 <= elapsed <= 60 + 1.5
+    assert factors[-1] == 0.0  # the cosine ends on the last step trained, not cut mid-way
+    assert max(b - a for a, b in zip(factors[5:], factors[6:])) <= 0.02  # revisions move it smoothly: no jump up
+
+
 @pytest.mark.slow
 def test_budget_decides_the_steps_and_ends_on_the_schedule(tmp_path):
     cfg, run = tiny_run(tmp_path, ["method=lora", "method.max_steps=-1", "method.epochs=100",
