@@ -7,6 +7,16 @@ model or any artifact present in the run dir (merged/, gptq/, gguf/*.gguf), or w
 runs `python -m finetune stages=[evaluate] run_dir=RUN_DIR` (the run's own model/task/method are taken
 from RUN_DIR/run.json). Prints the headline metric, size and generation speed of each, with the delta
 against the merged full-precision model (the finetuned adapter model when there is no merged one).
+
+    .venv/bin/python scripts/bench_quant.py RUN_DIR --kl [--rows 50] [--imatrix-ab]
+
+Fidelity instead of the task metric, with far less noise than 50 answers give: each GGUF's next-token
+distribution against the merged model's (transformers, fp32) at every answer position of the first ROWS test
+rows, teacher-forced on the reference answers: mean KL divergence (nats) and top-1 agreement, as llama.cpp's
+`llama-perplexity --kl-divergence` reports them. --imatrix-ab also quantizes the merged model's f16 GGUF to
+each low-bit type of the run (Q4_K_M if none) with and without an importance matrix of 128 training
+examples (finetune.export.imatrix) into a temporary folder, and scores those files alongside: the A/B of
+export.gguf.imatrix_samples on the same model.
 """
 
 from __future__ import annotations
@@ -46,13 +56,96 @@ def run_evaluate(run_dir: Path, overrides: list[str]) -> None:
     subprocess.run(cmd, cwd=_bench.ROOT, check=True)
 
 
+def answer_positions(cfg, run, tokenizer, rows: int) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + reference answer, number of prompt tokens) of the first test rows."""
+    from finetune.export.samples import split_rows
+    from finetune.models.loading import adapt_messages, render_prompt
+
+    out = []
+    for row in split_rows(run, "test", rows):
+        full = tokenizer.apply_chat_template(adapt_messages(list(row["prompt"]) + list(row["completion"]), cfg.model),
+                                             tokenize=False)
+        prompt = render_prompt(tokenizer, list(row["prompt"]), cfg.model)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if full.startswith(prompt) and n_prompt < len(ids):
+            out.append((ids, n_prompt))
+    return out
+
+
+def kl_rows(run_dir: Path, rows: int, imatrix_ab: bool) -> None:
+    import tempfile
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.core.config import compose
+    from finetune.core.rundir import RunDir, quant_of
+    from finetune.export.converter import convert_hf_to_gguf, quantize_gguf
+    from finetune.export.gguf import gguf_model_name
+    from finetune.export.imatrix import USES_IMATRIX, activation_stats
+    from finetune.export.samples import calibration_rows
+    from finetune.models.loading import load_tokenizer
+    from finetune.runtimes.llamacpp import open_gguf
+
+    ident = json.loads((run_dir / "run.json").read_text())
+    cfg = compose([f"model={ident['model']}", f"task={ident['task']}", f"method={ident['method']}"])
+    run = RunDir(run_dir)
+    tokenizer = load_tokenizer(cfg.model, path=str(run.merged_dir))
+    model = AutoModelForCausalLM.from_pretrained(run.merged_dir, dtype=torch.float32).eval()
+    examples = answer_positions(cfg, run, tokenizer, rows)
+    reference = []
+    with torch.no_grad():
+        for ids, n_prompt in examples:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, n_prompt - 1:len(ids) - 1].float()
+            reference.append(torch.log_softmax(logits, -1).numpy())
+    files = {quant_of(path) or path.stem: path for path in sorted(run.gguf_dir.glob("*.gguf"))}
+    with tempfile.TemporaryDirectory() as tmp:
+        if imatrix_ab:
+            stats, _ = activation_stats(model, calibration_rows(cfg, run, tokenizer, 128, cfg.method.max_length))
+            np.savez(Path(tmp) / "imatrix.npz", **stats)
+            f16 = Path(tmp) / "f16.gguf"
+            convert_hf_to_gguf(run.merged_dir, f16, "f16", gguf_model_name(cfg))
+            for quant in [q for q in files if q in USES_IMATRIX] or ["Q4_K_M"]:
+                for label, imatrix in (("with", Path(tmp) / "imatrix.npz"), ("without", None)):
+                    files[f"{quant} {label} imatrix"] = Path(tmp) / f"{quant}-{label}.gguf"
+                    quantize_gguf(f16, files[f"{quant} {label} imatrix"], quant, imatrix=imatrix)
+        del model
+        table = []
+        for name, path in files.items():
+            kl, agree, positions = 0.0, 0, 0
+            with open_gguf(path, n_ctx=2048, logits_all=True) as llm:
+                for (ids, n_prompt), ref in zip(examples, reference):
+                    llm.reset()
+                    llm.eval(ids)
+                    scores = torch.tensor(np.asarray(llm.scores[n_prompt - 1:len(ids) - 1], dtype=np.float32))
+                    logq = torch.log_softmax(scores, -1).numpy()
+                    kl += float((np.exp(ref) * (ref - logq)).sum())
+                    agree += int((ref.argmax(-1) == logq.argmax(-1)).sum())
+                    positions += len(ref)
+            table.append({"gguf": name, "mean_kl": round(kl / positions, 5),
+                          "top1_agreement": round(agree / positions, 4), "positions": positions,
+                          "rows": len(examples), "size_MB": round(path.stat().st_size / 2**20, 1)})
+    print(f"run {run_dir} ({ident['task']}): next-token fidelity to the merged fp32 model on the answers of "
+          f"{len(examples)} test rows, teacher-forced")
+    print(_bench.table(table, ["gguf", "mean_kl", "top1_agreement", "positions", "rows", "size_MB"]))
+    _bench.emit({"run_dir": str(run_dir), "mode": "kl", "machine": _bench.machine(), "rows": table})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--evaluate", action="store_true", help="re-run the evaluate stage first")
+    p.add_argument("--kl", action="store_true", help="next-token fidelity to the merged model instead (see above)")
+    p.add_argument("--rows", type=int, default=50, help="--kl: test rows (default 50)")
+    p.add_argument("--imatrix-ab", action="store_true", help="--kl: also score GGUFs quantized with and without one")
     p.add_argument("overrides", nargs="*", help="overrides for the evaluate stage, e.g. evaluate.max_examples=50")
     a = p.parse_args()
     run_dir = a.run_dir.resolve()
+    if a.kl:
+        kl_rows(run_dir, a.rows, a.imatrix_ab)
+        return
     metrics_path = run_dir / "metrics.json"
     want = expected_models(run_dir)
     have = set(json.loads(metrics_path.read_text()).get("models", {})) if metrics_path.is_file() else set()

@@ -212,6 +212,10 @@ class GPTQConfig:
 class GGUFConfig:
     quant_types: List[str] = field(default_factory=lambda: ["Q4_K_M", "Q8_0"])
     keep_f16: bool = False
+    # Training examples whose activations weigh the rounding of the low-bit types (llama.cpp's importance
+    # matrix, finetune.export.imatrix; Q8_0 and float types do not use one; skipped for merged models over
+    # 4 GB). 0: none. Off by default: for SmolLM2-135M it made Q4_K_M worse (docs/training.md).
+    imatrix_samples: int = 0
 
 
 @dataclass

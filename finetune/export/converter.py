@@ -162,18 +162,24 @@ def fetch_converter(version: str, dest: Path) -> Path:
     return dest
 
 
+def vendored_env(conv: Path) -> dict:
+    """Environment for a child that imports the vendored gguf-py (and the converter's own modules) first."""
+    env = dict(os.environ)
+    env.pop("NO_LOCAL_GGUF", None)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(conv / "gguf-py"), str(conv)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the converter's folder stays as extracted (its manifest)
+    return env
+
+
 def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", model_name: str | None = None) -> float:
     """Run llama.cpp's converter in a subprocess (vendored gguf-py first on the path); returns seconds.
 
     `model_name` becomes the GGUF's general.name (else the converter takes the folder name). llama.cpp reads
     tokenizer rules from it: only a model named like Phi-3 gets Phi-3's whitespace stripping after chat tokens."""
     conv = converter_dir()
-    env = dict(os.environ)
-    env.pop("NO_LOCAL_GGUF", None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(conv / "gguf-py"), str(conv)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = vendored_env(conv)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the converter's folder stays as extracted (its manifest)
     cmd = [sys.executable, str(conv / CONVERTER), str(model_dir), "--outfile", str(out_path), "--outtype", outtype]
     if model_name:
         cmd += ["--model-name", model_name]
@@ -193,18 +199,19 @@ def normalize_quant_type(name: str) -> str:
     return key
 
 
-# In a child process: Ctrl-C reaches it and us (a Python log callback inside the C call would swallow it),
-# a killed run takes it down with it, and llama.cpp's per-tensor log stays out of ours.
-_QUANTIZE = ("import ctypes, sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
-             "p.ftype = getattr(llama_cpp, sys.argv[3]); p.nthread = int(sys.argv[4]); "
-             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
-
-
-def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int | None = None) -> float:
-    """llama.cpp's quantizer (llama-cpp-python's binding, in a child process); returns seconds."""
+def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int | None = None,
+                  imatrix: Path | None = None) -> float:
+    """llama.cpp's quantizer (llama-cpp-python's binding, in a child process: finetune.export.llama_quantize),
+    with an importance matrix (finetune.export.imatrix) when given; returns seconds."""
     ftype = QUANT_TYPES[normalize_quant_type(quant_type)]
+    cmd = [sys.executable, "-m", "finetune.export.llama_quantize", str(src), str(dst), ftype,
+           str(n_threads or cpu_threads())]
+    env = None
+    if imatrix is not None:  # the GGUF's tensor names come from the vendored gguf-py, as in the converter
+        cmd.append(str(imatrix))
+        env = vendored_env(converter_dir())
     start = time.perf_counter()
-    proc = run_child([sys.executable, "-c", _QUANTIZE, str(src), str(dst), ftype, str(n_threads or cpu_threads())])
+    proc = run_child(cmd, env=env)
     if proc.returncode != 0 or not dst.is_file():
         dst.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp could not quantize {src.name} to {quant_type} (return code "

@@ -1,4 +1,5 @@
-"""GGUF stage: the merged checkpoint -> GGUF f16 (llama.cpp's own converter) -> each quant type.
+"""GGUF stage: the merged checkpoint -> GGUF f16 (llama.cpp's own converter) -> each quant type (the
+low-bit ones weighted by an importance matrix of the task's training examples: finetune.export.imatrix).
 
 Files: run.gguf_dir/<model>-<task>-<QUANT>.gguf. Everything is written into a `.tmp-*` folder and
 checked there (llama.cpp loads it, tokenizes the task prompt as transformers does, answers it; the
@@ -21,6 +22,7 @@ from finetune.core.files import TMP_PREFIX, clean_stale
 from finetune.core.rundir import RunDir
 from finetune.export.checks import check_prompt_tokens, generate, top1_agreement
 from finetune.export.converter import convert_hf_to_gguf, normalize_quant_type, quantize_gguf
+from finetune.export.imatrix import USES_IMATRIX, write_imatrix
 from finetune.export.samples import task_prompt
 from finetune.models.loading import load_tokenizer, render_prompt
 from finetune.runtimes.llamacpp import open_gguf
@@ -87,16 +89,27 @@ def export_gguf(cfg: Config, run: RunDir) -> dict:
         summary["convert_seconds"] = round(convert_hf_to_gguf(run.merged_dir, f16, "f16", gguf_model_name(cfg)), 1)
         log.info("converted %s to GGUF f16 in %.1fs (%.0f MB)", run.merged_dir, summary["convert_seconds"],
                  f16.stat().st_size / 1e6)
+        weighted = gcfg.imatrix_samples > 0 and any(q in USES_IMATRIX for q in wanted)
+        hf_model = _merged_model_if_small(run) if cfg.export.verify or weighted else None
         if cfg.export.verify:
-            hf_model = _merged_model_if_small(run)
             summary["f16_check"] = check_gguf(cfg, f16, tokenizer, prompt, hf_model)
-            del hf_model
-            gc.collect()
+        imatrix = None
+        if weighted and hf_model is None:
+            log.info("GGUF importance matrix skipped: the merged model is over %d GB, too big to run through "
+                     "transformers here; the low-bit types are quantized without one", TOP1_CHECK_MAX_BYTES >> 30)
+            summary["imatrix"] = {"skipped": f"merged model over {TOP1_CHECK_MAX_BYTES >> 30} GB"}
+        elif weighted:
+            summary["imatrix"] = write_imatrix(cfg, run, hf_model, tokenizer, tmp / "imatrix.npz")
+            imatrix = None if "skipped" in summary["imatrix"] else tmp / "imatrix.npz"
+        del hf_model
+        gc.collect()
         for quant in wanted:
             path = tmp / run.gguf_path(cfg.model.name, cfg.task.name, quant).name
             info: dict[str, Any] = {}
             if quant != "F16":
-                info["quantize_seconds"] = round(quantize_gguf(f16, path, quant), 1)
+                use = imatrix if quant in USES_IMATRIX else None
+                info["quantize_seconds"] = round(quantize_gguf(f16, path, quant, imatrix=use), 1)
+                info["imatrix"] = use is not None
             if cfg.export.verify and quant != "F16":
                 info["check"] = check_gguf(cfg, path, tokenizer, prompt)
             elif cfg.export.verify:

@@ -11,7 +11,6 @@ import gc
 import json
 import logging
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from finetune.core.errors import ExportError
 from finetune.core.files import dir_size, staged_dir
 from finetune.core.rundir import RunDir
 from finetune.export.checks import hf_ids
-from finetune.export.samples import split_rows, task_prompt
-from finetune.models.loading import adapt_messages, load_tokenizer, render_prompt
+from finetune.export.samples import calibration_rows, task_prompt
+from finetune.models.loading import load_tokenizer, render_prompt
 
 log = logging.getLogger("finetune")
 
@@ -60,22 +59,6 @@ def choose_group_size(config: Any, requested: int | None) -> int:
         if all(d % size == 0 for d in dims):
             return size
     raise ExportError(f"no GPTQ group size in {GROUP_SIZES} divides the model's layer sizes {sorted(dims)}")
-
-
-def calibration_rows(cfg: Config, run: RunDir, tokenizer: Any, n: int, max_tokens: int) -> list[dict]:
-    """`n` training examples (prompt + answer) rendered with the chat template, tokenized."""
-    rows = split_rows(run, "train")
-    if not rows:
-        raise ExportError(f"GPTQ calibrates on the task's training prompts, and {run.data_dir / 'train.jsonl'} "
-                          f"is missing or empty: run the data stage")
-    random.Random(cfg.method.seed).shuffle(rows)
-    out = []
-    for row in rows[:n]:
-        messages = adapt_messages(list(row["prompt"]) + list(row.get("completion") or []), cfg.model)
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-    return out
 
 
 def strip_run_info(gptq_dir: Path) -> list[str]:

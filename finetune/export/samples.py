@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 from finetune.core.config import Config
+from finetune.core.errors import ExportError
 from finetune.core.rundir import RunDir
 from finetune.data.rows import read_rows
+from finetune.models.loading import adapt_messages
 
 
 def split_rows(run: RunDir, split: str, limit: int | None = None) -> list[dict]:
@@ -57,3 +62,19 @@ def sample_conversations(cfg: Config, run: RunDir) -> list[tuple[str, list[dict]
         ("awkward characters", [{"role": "user", "content": odd}], True),
     ]
     return convs
+
+
+def calibration_rows(cfg: Config, run: RunDir, tokenizer: Any, n: int, max_tokens: int) -> list[dict]:
+    """`n` training examples (prompt + answer) rendered with the chat template, tokenized."""
+    rows = split_rows(run, "train")
+    if not rows:
+        raise ExportError(f"GPTQ and the GGUF importance matrix calibrate on the task's training examples, and "
+                          f"{run.data_dir / 'train.jsonl'} is missing or empty: run the data stage")
+    random.Random(cfg.method.seed).shuffle(rows)
+    out = []
+    for row in rows[:n]:
+        messages = adapt_messages(list(row["prompt"]) + list(row.get("completion") or []), cfg.model)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    return out
