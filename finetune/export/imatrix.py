@@ -8,6 +8,10 @@ them), and the statistics come from the merged model in transformers (a forward 
 the same sums `llama-imatrix` collects, without building llama.cpp's tools). llama.cpp takes them through
 `llama_model_quantize_params.imatrix`, keyed by GGUF tensor name; the HF -> GGUF names come from the
 vendored gguf-py's TensorNameMap, the table the converter itself uses (finetune.export.converter).
+
+Off by default (export.gguf.imatrix_samples=0): on SmolLM2-135M it moved Q4_K_M's next-token distribution
+further from the original, not closer (docs/quantization.md); `scripts/bench_quant.py RUN --kl --imatrix-ab`
+measures it on any run.
 """
 
 from __future__ import annotations
