@@ -199,9 +199,10 @@ def test_rerunning_an_upstream_stage_invalidates_the_stages_after_it(tmp_path):
 # ---- interrupts ---------------------------------------------------------------------------------------
 
 
-def _converters(run_dir: Path, kinds: tuple[str, ...] = ("convert_hf_to_gguf", "llama_model_quantize")) -> list[int]:
-    """PIDs of llama.cpp converter (convert_hf_to_gguf) or quantizer (llama_model_quantize) processes working
-    on this run directory."""
+def _converters(run_dir: Path, kinds: tuple[str, ...] = ("convert_hf_to_gguf", "finetune.export.llama_quantize")
+                ) -> list[int]:
+    """PIDs of llama.cpp converter (convert_hf_to_gguf) or quantizer (finetune.export.llama_quantize) processes
+    working on this run directory."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -279,7 +280,8 @@ def test_interrupts_during_export_leave_no_done_marker_no_temp_files_and_no_chil
     assert merged.returncode == 0, merged.stderr[-3000:]
 
     # Ctrl-C while quantizing (it used to be swallowed inside llama.cpp's log callback), SIGTERM while converting.
-    for sig, code, child in ((signal.SIGINT, 130, "llama_model_quantize"), (signal.SIGTERM, 143, "convert_hf_to_gguf")):
+    for sig, code, child in ((signal.SIGINT, 130, "finetune.export.llama_quantize"),
+                             (signal.SIGTERM, 143, "convert_hf_to_gguf")):
         proc = _start_and_wait_for([*base, "stages=[gguf]"], "[gguf] starting", tmp_path / "gguf.log")
         deadline = time.time() + 120
         while not _converters(run_dir, (child,)):
