@@ -214,7 +214,7 @@ class GGUFConfig:
     keep_f16: bool = False
     # Training examples whose activations weigh the rounding of the low-bit types (llama.cpp's importance
     # matrix, finetune.export.imatrix; Q8_0 and float types do not use one; skipped for merged models over
-    # 4 GB). 0: none. Off by default: for SmolLM2-135M it made Q4_K_M worse (docs/training.md).
+    # 4 GB). 0: none. Off by default: for SmolLM2-135M it made Q4_K_M worse (docs/quantization.md).
     imatrix_samples: int = 0
 
 

@@ -1,5 +1,6 @@
-"""GGUF stage: the merged checkpoint -> GGUF f16 (llama.cpp's own converter) -> each quant type (the
-low-bit ones weighted by an importance matrix of the task's training examples: finetune.export.imatrix).
+"""GGUF stage: the merged checkpoint -> GGUF f16 (llama.cpp's own converter) -> each quant type (with
+export.gguf.imatrix_samples > 0, the low-bit ones weighted by an importance matrix of the task's training
+examples: finetune.export.imatrix).
 
 Files: run.gguf_dir/<model>-<task>-<QUANT>.gguf. Everything is written into a `.tmp-*` folder and
 checked there (llama.cpp loads it, tokenizes the task prompt as transformers does, answers it; the

@@ -52,6 +52,7 @@ def activation_stats(model: Any, rows: list[dict], batch_size: int = 8) -> tuple
     hooks = [module.register_forward_pre_hook(lambda _m, inputs, name=name: add(name, inputs[0]))
              for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not head]
     ordered = sorted(rows, key=lambda r: len(r["input_ids"]))
+    decoder = model.get_decoder()
     tokens = 0
     try:
         with torch.no_grad():
@@ -64,8 +65,8 @@ def activation_stats(model: Any, rows: list[dict], batch_size: int = 8) -> tuple
                     ids[j, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
                     mask[j, :len(r["input_ids"])] = 1
                 keep[0] = mask.reshape(-1).bool().to(model.device)
-                hidden = model.get_decoder()(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                             use_cache=False).last_hidden_state
+                hidden = decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 use_cache=False).last_hidden_state
                 if isinstance(head, torch.nn.Linear) and head_name:
                     add(head_name, hidden)
                 tokens += int(mask.sum())
