@@ -1,6 +1,6 @@
 """llama.cpp's quantizer on one GGUF, in a child process (finetune.export.converter.quantize_gguf runs it).
 
-    python -m finetune.export.llama_quantize SRC DST LLAMA_FTYPE_NAME THREADS [IMATRIX.npz]
+    python -m finetune.export.llama_quantize SRC DST LLAMA_FTYPE_NAME THREADS [IMATRIX.npz]   (__main__.py)
 
 A child so that Ctrl-C reaches it and us (a Python log callback inside the C call would swallow it), a
 killed run takes it down with it, and llama.cpp's per-tensor log stays out of ours. With an importance
@@ -13,7 +13,8 @@ the GGUF's tensor names with the vendored gguf-py (on PYTHONPATH) and handed to 
 from __future__ import annotations
 
 import ctypes
-import sys
+
+from finetune.core.errors import ExportError
 
 
 def gguf_names(src: str, hf_names: list[str]) -> dict[str, tuple[str, int]]:
@@ -49,13 +50,13 @@ def imatrix_params(src: str, path: str, keep: list) -> tuple[ctypes.Array, ctype
     for i, (hf, (name, size)) in enumerate(sorted(names.items(), key=lambda kv: kv[1][0])):
         values = np.ascontiguousarray(stats[hf], dtype=np.float32)
         if values.size != size:
-            raise SystemExit(f"importance matrix of {hf}: {values.size} values for {name}'s {size} input columns")
+            raise ExportError(f"importance matrix of {hf}: {values.size} values for {name}'s {size} input columns")
         key = name.encode()
         keep += [values, key]
         entries[i].name, entries[i].size = key, values.size
         entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     if not names:
-        raise SystemExit(f"importance matrix: none of its {len(stats)} layer names ({next(iter(stats), '-')}, ...) "
+        raise ExportError(f"importance matrix: none of its {len(stats)} layer names ({next(iter(stats), '-')}, ...) "
                          f"maps to a tensor of {src}")
     kv = (llama_cpp.llama_model_kv_override * 3)()
     kv[0].key, kv[0].tag, kv[0].value.val_i64 = b"quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, \
@@ -66,7 +67,8 @@ def imatrix_params(src: str, path: str, keep: list) -> tuple[ctypes.Array, ctype
     return entries, kv
 
 
-def main(argv: list[str]) -> int:
+def quantize(argv: list[str]) -> int:
+    """llama_model_quantize's return code for SRC DST LLAMA_FTYPE_NAME THREADS [IMATRIX.npz]."""
     import llama_cpp
 
     src, dst, ftype, threads = argv[:4]
@@ -78,7 +80,3 @@ def main(argv: list[str]) -> int:
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,8 @@
+"""python -m finetune.export.llama_quantize SRC DST LLAMA_FTYPE_NAME THREADS [IMATRIX.npz]: the quantizer's child
+process (finetune.export.converter.quantize_gguf starts it); exits with llama_model_quantize's return code."""
+
+import sys
+
+from finetune.export.llama_quantize import quantize
+
+sys.exit(quantize(sys.argv[1:]))
