@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,8 @@ def tiny_run(tmp_path_factory):
     run.gguf_dir.mkdir()
     os.symlink(packaged_gguf_path(cfg.model), run.gguf_dir / "smollm2-extraction-Q4_1.gguf")
     summary = ev.evaluate(cfg, run)
-    return cfg, run, summary
+    yield cfg, run, summary
+    shutil.rmtree(root, ignore_errors=True)  # a merged model: free the disk for the next module
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ def smol(tmp_path_factory):
     run = RunDir(root)
     write_task_data(cfg, run)
     train_lora(cfg, run, load_model(cfg.model), load_tokenizer(cfg.model), steps=4, lr=3e-4)
-    return cfg, run
+    yield cfg, run
+    shutil.rmtree(root, ignore_errors=True)  # a merged model and its exports: free the disk for the next module
 
 
 @pytest.fixture(scope="module")
