@@ -84,6 +84,36 @@ def test_grammar_constrains_every_sequence(address_task):
     assert {g.text for g in many} <= {"yes", "no"} and all(g.stopped for g in many)
 
 
+def test_greedy_grammar_checks_the_argmax_first_with_the_answers_of_the_full_mask(address_task, monkeypatch):
+    """Greedy under the task's JSON-schema grammar: the batched path checks the unconstrained argmax against
+    the grammar and masks the whole vocabulary only when it is refused; both happen on these rows, and the
+    answers are what llama-cpp-python's grammar path (the whole vocabulary masked at every step) gives."""
+    from llama_cpp import LlamaGrammar
+
+    import finetune.runtimes.llamacpp_batch as batch
+    from finetune.tasks import get_task
+
+    gguf, prompts, bos, stops, n_ctx = address_task
+    grammar = get_task(compose(["task=extraction"]).task).answer_grammar()
+    checks: list[bool] = []
+    accepts = batch.grammar_accepts
+
+    def counted(*args):
+        checks.append(accepts(*args))
+        return checks[-1]
+
+    monkeypatch.setattr(batch, "grammar_accepts", counted)
+    many = generate_llama_cpp_batched(gguf, prompts[:4], stops, Sampling(max_new_tokens=MAX_NEW_TOKENS),
+                                      n_ctx=n_ctx, parallel=3, n_threads=1, bos_token=bos, grammar=grammar)
+    with open_gguf(gguf, n_ctx=n_ctx, n_threads=1) as llm:
+        one = [llm.create_completion(prompt_tokens(llm, p, bos), max_tokens=MAX_NEW_TOKENS, temperature=0.0,
+                                     top_k=0, min_p=0.0, repeat_penalty=1.0, stop=stops,
+                                     grammar=LlamaGrammar.from_string(grammar))
+               for p in prompts[:4]]
+    assert [g.text for g in many] == [o["choices"][0]["text"] for o in one]
+    assert True in checks and False in checks  # the argmax accepted, and refused then masked
+
+
 def test_bad_settings_are_refused(address_task):
     gguf, prompts, bos, stops, n_ctx = address_task
     with pytest.raises(ConfigError, match="parallel=0"):

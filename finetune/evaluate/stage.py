@@ -145,8 +145,9 @@ class Session:
     def record(self, name: str, outputs: list[Generation], info: dict, wall_seconds: float | None = None) -> None:
         entry, predictions = score(self.task, self.rows, outputs, info, wall_seconds)
         self.models[name], self.predictions[name], self.outputs[name] = entry, predictions, outputs
-        log.info("[evaluate] %-16s %s=%s  %.2f s/example  %s tok/s", name, self.task.headline_metric,
-                 entry.get(self.task.headline_metric), entry["latency_s_mean"], entry["tokens_per_s"])
+        log.info("[evaluate] %-16s %s=%s  %s s in all, %.2f s mean latency, %s tok/s", name,
+                 self.task.headline_metric, entry.get(self.task.headline_metric), entry.get("seconds"),
+                 entry["latency_s_mean"], entry["tokens_per_s"])
 
     def guarded(self, name: str, info: dict, fn: Callable[[], None]) -> None:
         """Artifacts and comparison models: a failure is reported in metrics.json, not fatal."""
