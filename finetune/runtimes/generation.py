@@ -29,6 +29,11 @@ class Sampling:
     top_p: float = 0.95
     seed: int = 42
 
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: no sampling, or sampling at temperature 0 (llama.cpp's greedy sampler)."""
+        return not self.do_sample or self.temperature == 0.0
+
 
 def adds_bos(bos_token: str | None, prompt: str) -> bool:
     """Let the tokenizer add its special tokens only when the chat template did not write BOS itself.

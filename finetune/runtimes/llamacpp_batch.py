@@ -74,7 +74,7 @@ def new_sampler(vocab: Any, sampling: Sampling, seed: int, grammar: str | None) 
 
     if grammar is not None:
         add(llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root"))
-    if not sampling.do_sample or sampling.temperature == 0.0:
+    if sampling.greedy:
         add(llama_cpp.llama_sampler_init_greedy())
     elif sampling.temperature < 0.0:
         add(llama_cpp.llama_sampler_init_dist(seed))
@@ -92,8 +92,7 @@ def greedy_grammar(chain: Any, grammar: str | None, sampling: Sampling) -> Any:
     """The grammar sampler of a greedy chain (its first), or None where the chain samples or has no grammar."""
     import llama_cpp
 
-    greedy = not sampling.do_sample or sampling.temperature == 0.0
-    return llama_cpp.llama_sampler_chain_get(chain, 0) if grammar is not None and greedy else None
+    return llama_cpp.llama_sampler_chain_get(chain, 0) if grammar is not None and sampling.greedy else None
 
 
 def grammar_accepts(grammar_sampler: Any, token: int, logit: float) -> bool:
