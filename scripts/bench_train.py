@@ -26,7 +26,10 @@ the one that counts when the arms learn differently per token (batch size, packi
 Peak CUDA memory is per arm, over its own rounds (both arms' weights are resident).
 
 Tokens/s counts real tokens (attention-mask ones, or every token of a padding-free packed row) of the
-timed steps; the first round is warm-up and left out when there is more than one round.
+timed steps; the first round is warm-up and left out when there is more than one round. With
+method.share_prefix a batch computes its rows' common opening once, but tokens (and the FLOPs below) count
+every row whole, as the unshared arm computes them: the same rows give the same count in both arms, so the
+tokens/s ratio is the rows/s ratio, and the shared arm's GFLOP/s is the work it stands in for.
 
 FLOPs per real token (documented formula, matmuls only):
     N_f = in*out summed over frozen nn.Linear layers except lm_head, N_t = the same over trainable ones,
@@ -72,17 +75,18 @@ def matmul_params(model) -> tuple[int, int]:
 
 
 def row_lengths(inputs) -> list[int]:
-    """Real tokens per sequence: attention-mask rows, or segments of a padding-free packed row."""
+    """Real tokens per training row: attention-mask rows, or the runs of consecutive positions of a padding-free
+    row; a run that starts at position p > 0 continues a shared prefix (method.share_prefix) and its row holds
+    those p tokens too, so both arms count the same rows' tokens."""
     if "attention_mask" in inputs and inputs["attention_mask"] is not None:
         return [int(x) for x in inputs["attention_mask"].sum(dim=1).tolist()]
     pos = inputs["position_ids"].flatten().tolist()
-    lengths, cur = [], 0
-    for p in pos:
-        if p == 0 and cur:
-            lengths.append(cur)
-            cur = 0
-        cur += 1
-    lengths.append(cur)
+    lengths: list[int] = []
+    for i, p in enumerate(pos):
+        if i == 0 or p != pos[i - 1] + 1:
+            lengths.append(p + 1)
+        else:
+            lengths[-1] += 1
     return lengths
 
 

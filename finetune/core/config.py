@@ -182,6 +182,9 @@ class MethodConfig:
     # Each batch's rows concatenated into one unpadded row (position_ids restart per row; TRL's padding-free
     # collator): no compute on padding, same loss. Rows longer than max_length are dropped by the data stage.
     padding_free: bool = False
+    # With padding_free on a CPU: the tokens every row of a batch begins with (system prompt, template opening)
+    # are computed once per batch, not once per row; same loss and gradients (finetune/train/shared_prefix.py).
+    share_prefix: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False  # torch.compile the model (GPU: pays off over long runs; compiles in round 1)
     precision: Precision = Precision.auto

@@ -21,7 +21,7 @@ from finetune.core.files import write_json_atomic
 from finetune.core.rundir import RunDir
 from finetune.data.rows import load_split
 from finetune.models.loading import device_for, load_tokenizer
-from finetune.train import tracking
+from finetune.train import shared_prefix, tracking
 from finetune.train.budget import SCHEDULES, TimeBudget, warmup_length
 from finetune.train.callbacks import DivergenceGuard, ProgressLog
 from finetune.train.checkpoints import resume_checkpoint, save_final
@@ -169,6 +169,10 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
     trainer = trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
+    if _shares_prefix(cfg.method, device):
+        collator = shared_prefix.enable(getattr(trainer.model, "get_base_model", lambda: trainer.model)(),
+                                        trainer.data_collator, cfg.method.max_length)
+        trainer.data_collator = collator or trainer.data_collator
     trainer.validation_scorer, trainer.select_by_task = (scorer or None), by_task
     steps = planned_steps(cfg.method, len(trainer.train_dataset), args.world_size)
     args.warmup_steps = warmup_steps(cfg.method, steps)
@@ -184,6 +188,19 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
             "train_examples": len(train_ds), "validation_examples": len(eval_ds) if eval_ds is not None else 0,
             **check_eos_trained(trainer.train_dataset, tokenizer, cfg.model.eos_token, cfg.method.max_length)}
     return trainer, info
+
+
+def _shares_prefix(method: MethodConfig, device: str) -> bool:
+    """method.share_prefix applies to padding-free batches (not packing) on a CPU, where it was measured."""
+    if not method.share_prefix:
+        return False
+    if not method.padding_free or method.packing:
+        log.info("method.share_prefix needs method.padding_free=true and method.packing=false: not used")
+        return False
+    if device != "cpu":
+        log.info("method.share_prefix applies on a CPU (not measured on %s): not used", device)
+        return False
+    return True
 
 
 def time_budget(method: MethodConfig, device: str, run: RunDir) -> TimeBudget | None:
