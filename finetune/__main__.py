@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from finetune.core import interrupts
+from finetune.core import interrupts, memory
 from finetune.core.config import CONF_DIR, register_configs
 from finetune.core.errors import ExportError, FinetuneError, TrainingDiverged
 
@@ -56,6 +56,7 @@ def main(cfg: DictConfig) -> float | None:
     # A job of a sweep records its own overrides, the command that reproduces it as a single run.
     command = "python -m finetune " + " ".join(map(shlex.quote, hydra_cfg.overrides.task)) if sweep else None
     interrupts.install()
+    memory.keep_freed_memory()  # training steps reuse freed memory instead of faulting in fresh pages
     # Raised inside Hydra's task function: SystemExit passes through Hydra's error handler untouched.
     try:
         typed = to_typed(cfg)

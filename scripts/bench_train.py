@@ -333,6 +333,9 @@ def main() -> None:
     from finetune.pipeline import quiet_progress_bars
 
     quiet_progress_bars()
+    from finetune.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # as `python -m finetune` does at start-up (finetune/core/memory.py)
     total_steps = a.steps * a.rounds
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     overrides = [f"method={a.method}", f"run_dir={tmp / 'run'}", f"method.max_steps={total_steps}",
