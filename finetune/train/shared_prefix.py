@@ -39,7 +39,7 @@ def shared_prefix_length(rows: list[dict]) -> int:
     length = 0
     while length < limit and all(x[length] == first[length] for x in ids[1:]):
         length += 1
-    return max(length, 0)
+    return length
 
 
 class SharedPrefixCollator:

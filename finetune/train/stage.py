@@ -170,8 +170,8 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     if _shares_prefix(cfg.method, device):
-        collator = shared_prefix.enable(getattr(trainer.model, "get_base_model", lambda: trainer.model)(),
-                                        trainer.data_collator, cfg.method.max_length)
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        collator = shared_prefix.enable(base, trainer.data_collator, cfg.method.max_length)
         trainer.data_collator = collator or trainer.data_collator
     trainer.validation_scorer, trainer.select_by_task = (scorer or None), by_task
     steps = planned_steps(cfg.method, len(trainer.train_dataset), args.world_size)
