@@ -22,6 +22,8 @@ from finetune.runtimes.generation import Sampling
 from finetune.runtimes.llamacpp import generate_llama_cpp
 from finetune.runtimes.transformers import generate_transformers, stop_token_ids
 from finetune.tasks import get_task
+from finetune.tasks.copying import AUTO_SHARE, copy_pattern, pieces, with_copy_patterns
+from finetune.tasks.copying import fits as copy_fits
 from finetune.tasks.grammar import gbnf_literal, labels_gbnf
 
 STOP = ["<|im_end|>"]
@@ -111,6 +113,83 @@ def test_every_trained_answer_fits_its_grammar(smollm2, lltok, root):
     assert not rejected, rejected[:5]
 
 
+# ---- values copied from the input (finetune.tasks.copying) ------------------------------------------------
+
+
+def address_data(root) -> list[dict]:
+    return [json.loads(x) for x in (root / "data/extraction/addresses.jsonl").read_text().splitlines() if x]
+
+
+def copying_task(overrides=(), root=None):
+    """The extraction task after learn_from_train on every bundled address (as the data stage settles it)."""
+    task = get_task(compose(["task=extraction", *overrides]).task)
+    rows = address_data(root)
+    task.learn_from_train([task.check_output(r["output"]) for r in rows], [r["input"] for r in rows])
+    return task, rows
+
+
+def test_address_answers_copy_their_input_so_the_constraint_turns_on(root):
+    task, rows = copying_task(root=root)
+    assert task.copy_values and task.per_input
+    assert AUTO_SHARE <= task.learned["values_copied_share"] < 1  # a few answers normalize their input
+    assert "from 98%" in task.learned["values_copied_from"]
+    off, _ = copying_task(["task.copy_values=false"], root)
+    assert not off.copy_values and off.learned["values_copied_share"] == task.learned["values_copied_share"]
+    assert off.answer_grammars(["1 Main St"]) == off.answer_grammar()  # one grammar for every row
+    # Answers that rewrite their input (a normalized date) leave it off by themselves.
+    dates = get_task(compose(["task=custom", "task.kind=extraction", "task.fields=[date,who]"]).task)
+    dates.learn_from_train([{"date": "2020-01-02", "who": "Ann"}] * 3, ["Ann wrote on Jan 2, 2020"] * 3)
+    assert dates.copy_values is False and dates.learned["values_copied_share"] == 0.0
+
+
+def test_copy_pattern_is_the_inputs_pieces():
+    text = '8128 S. DR MARTIN-LUTHER KING JR Drive, Apt #4 (rear) 1/2 a+b say "hi" C:\\x'
+    assert pieces(text)[:6] == ["8128", "S", ".", "DR", "MARTIN", "-"]
+    assert '"' not in pieces(text) and "\\" not in pieces(text)  # a pattern cannot say their JSON escapes
+    answer = {"AddressNumber": "8128", "StreetNamePreDirectional": "S.", "StreetName": "DR MARTIN-LUTHER KING JR",
+              "OccupancyIdentifier": "#4", "BuildingName": "(rear)", "LandmarkName": "1/2 a+b", "x": 3}
+    assert copy_fits(text, answer)
+    for wrong in ("Brockwood", "8129", "dr", "S. ", " S", "S  .", "", "hi\"", "Drivex", "KINGJR"):
+        assert not copy_fits(text, {"StreetName": wrong}), wrong
+    assert copy_fits(text, {"StreetName": ["DR", "KING JR"]}) and not copy_fits(text, {"StreetName": ["DR", "KNG"]})
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "string"}},
+                                               "n": {"type": "integer"}, "e": {"type": "string", "enum": ["x"]}}}
+    held = with_copy_patterns(schema, text)
+    ref = {"$ref": "#/$defs/copied"}
+    assert held["properties"]["a"] == held["properties"]["b"]["items"] == ref
+    assert held["$defs"]["copied"] == {"type": "string", "pattern": copy_pattern(text)}
+    assert held["properties"]["n"] == schema["properties"]["n"] and held["properties"]["e"] == {"type": "string", "enum": ["x"]}
+    assert schema["properties"]["a"] == {"type": "string"}  # the task's schema is not changed
+
+
+def test_copy_grammar_admits_copies_of_its_own_row_only(smollm2, lltok, root):
+    """The per-row grammar (llama.cpp's converter of the schema with patterns) accepts what copying.fits
+    accepts, in llguidance and in llama.cpp's own grammar parser; another row's words are refused."""
+    from llama_cpp import LlamaGrammar
+
+    _, tokenizer, _ = smollm2
+    task, rows = copying_task(root=root)
+    text = "1044 Lake Shore Boulevard, Evanston, 60202 Apt #4 (rear) 1/2"
+    grammar = task.answer_grammar(text)
+    LlamaGrammar.from_string(grammar, verbose=False)  # llama.cpp parses it
+    good = [{"AddressNumber": "1044", "StreetName": "Lake Shore", "StreetNamePostType": "Boulevard",
+             "PlaceName": "Evanston", "ZipCode": "60202"}, {"OccupancyIdentifier": "#4"},
+            {"BuildingName": "(rear)"}, {"AddressNumberSuffix": "1/2"}, {"PlaceName": "Evanston,"}]
+    bad = [{"PlaceName": "Evanstone"}, {"PlaceName": "Chicago"}, {"StreetName": "lake shore"}, {"ZipCode": "60202 "}]
+    for answer in good + bad:
+        expected = answer in good
+        assert copy_fits(text, answer) == expected, answer
+        assert fits(lltok, tokenizer, grammar, task.answer_text(answer)) == expected, answer
+    assert not fits(lltok, tokenizer, grammar, '{"AddressNumber":1044}')  # still the schema's types
+    assert task.answer_grammars([text, "9 Elm Avenue"])[0] == grammar
+    assert not fits(lltok, tokenizer, task.answer_grammar("9 Elm Avenue"), task.answer_text(good[0]))
+    # The training answers that copy their input fit their own row's grammar (every 25th row: ~60 compiles).
+    for row in rows[::25]:
+        answer = task.check_output(row["output"])
+        assert fits(lltok, tokenizer, task.answer_grammar(row["input"]), task.answer_text(answer)) == \
+            copy_fits(row["input"], answer), row
+
+
 # ---- generation under the constraint: transformers and llama.cpp ------------------------------------------
 
 
@@ -178,6 +257,46 @@ def test_llama_cpp_answers_fit_the_constraint(smollm2, lltok):
                                   bos_token=tokenizer.bos_token, grammar=grammar)
 
     check_both_tasks(generate, ts, cfg, tokenizer, lltok)
+
+
+def test_each_row_decodes_under_its_own_copy_grammar(smollm2, root):
+    """One grammar per prompt in one call, in every generation path: every value of a finished answer is
+    copied from that row's input, and llama.cpp's batched answers equal its one-at-a-time ones. With the
+    grammars handed to the wrong rows, the answers copy the wrong rows' inputs: each row follows its own."""
+    from finetune.runtimes.llamacpp_batch import generate_llama_cpp_batched
+
+    cfg, tokenizer, model = smollm2
+    gguf = packaged_gguf_path(cfg.model)
+    task, _ = copying_task(root=root)
+    shots = address_rows(task, "shot", ADDRESSES[:3])
+    inputs = ["1044 Lake Shore Boulevard, Evanston, 60202", "9912 S. Avenue H", ADDRESSES[3][0], ADDRESSES[4][0]]
+    prompt_list = prompts(task, tokenizer, cfg.model, inputs, shots)  # zero- and few-shot of each input
+    row_inputs = [x for x in inputs for _ in range(2)]
+    sampling = Sampling(max_new_tokens=64)
+
+    def llama(grammars, parallel=1):
+        common = dict(n_ctx=1024, n_threads=1, bos_token=tokenizer.bos_token, grammar=grammars)
+        if parallel > 1:
+            return generate_llama_cpp_batched(gguf, prompt_list, STOP, sampling, parallel=parallel, **common)
+        return generate_llama_cpp(gguf, prompt_list, STOP, sampling, **common)
+
+    def check(outputs, texts):
+        finished = [(x, json.loads(g.text)) for x, g in zip(texts, outputs) if g.stopped]
+        assert len(finished) >= len(outputs) // 2, [g.text for g in outputs]
+        assert any(answer for _, answer in finished)
+        for x, answer in finished:
+            assert copy_fits(x, answer), (x, answer)
+
+    own = task.answer_grammars(row_inputs)
+    one_at_a_time = llama(own)
+    check(one_at_a_time, row_inputs)
+    assert [g.text for g in llama(own, parallel=4)] == [g.text for g in one_at_a_time]
+    with torch_threads(1):
+        for continuous in (True, False):
+            check(generate_transformers(model, tokenizer, prompt_list, STOP, sampling, batch_size=4, grammar=own,
+                                        continuous=continuous), row_inputs)
+    swapped = row_inputs[2:] + row_inputs[:2]
+    check(llama(task.answer_grammars(swapped), parallel=4), swapped)
 
 
 # ---- what the export gives users ------------------------------------------------------------------

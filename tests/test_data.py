@@ -16,7 +16,7 @@ from finetune.core.config import compose
 from finetune.core.errors import FinetuneError
 from finetune.core.rundir import RunDir
 from finetune.data.prepare import Report, prepare, split_task_data
-from finetune.data.rows import read_rows, tokenize_row
+from finetune.data.rows import read_rows, run_task, tokenize_row
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,6 +109,10 @@ def test_prepare_writes_contract_rows(tmp_path, tokenizer):
             assert row["completion"][0]["role"] == "assistant" and json.loads(answer) == row["reference"]
             assert list(json.loads(answer)) == [f for f in fields if f in row["reference"]]
             assert ": " not in answer.replace(row["input"], "")  # compact JSON
+    # Address values copy their input: the report says so, and the later stages' task keeps it (run_task)
+    assert report["copy_values"] is True and report["values_copied_share"] >= 0.98
+    assert run_task(compose(["task=extraction"]).task, run).per_input
+    assert not run_task(compose(["task=extraction", "task.copy_values=false"]).task, run).per_input
     # the first 50 of the full train split: caps do not change which examples a split holds
     _, _, full, _ = split_task_data(compose(["task=extraction"]).task)
     assert [r["id"] for r in read_rows(run.data_dir / "train.jsonl")] == [r["id"] for r in full["train"][:50]]

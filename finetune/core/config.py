@@ -123,6 +123,9 @@ class TaskConfig:
     # extraction: alternative to fields ({} = none). A dict, not Optional: Hydra cannot override a None
     # dict from the command line; with a dict, `+task.json_schema={properties: {...}}` works.
     json_schema: Dict[str, Any] = field(default_factory=dict)
+    # extraction: every string value must be pieces copied from the input (a per-row JSON-schema pattern,
+    # finetune.tasks.copying). None: on when the training answers copy their inputs (98% of them or more).
+    copy_values: Optional[bool] = None
     labels: List[str] = field(default_factory=list)  # classification
     # Non-LLM baseline on the test split, the fair one ("specialist" in metrics.json). None: the kind's
     # default (classification: tfidf_logreg, generation: lead = first sentence, extraction: crf, a CRF

@@ -228,7 +228,7 @@ def split_task_data(cfg_task: TaskConfig, report: Report | None = None) -> tuple
     sources = load_task_data(cfg_task, task, report)
     splits = _assign_splits(sources, cfg_task.data)
     _remove_leaks(splits, report)
-    task.learn_from_train([e.reference for e in splits["train"]])
+    task.learn_from_train([e.reference for e in splits["train"]], [e.input for e in splits["train"]])
     rendered = {s: [render_row(task, e) for e in splits[s]] for s in SPLITS}
     return task, splits, rendered, sum(len(v) for v in sources.values())
 

@@ -33,7 +33,9 @@ def run_task(cfg_task: TaskConfig, run: RunDir) -> Task:
         return get_task(cfg_task)
     schema = dict(cfg_task.json_schema or {})
     schema["properties"] = {**(report.get("field_types") or {}), **(schema.get("properties") or {})}
-    return get_task(dataclasses.replace(cfg_task, fields=list(report["fields"]), json_schema=schema))
+    copy_values = cfg_task.copy_values if cfg_task.copy_values is not None else report.get("copy_values")
+    return get_task(dataclasses.replace(cfg_task, fields=list(report["fields"]), json_schema=schema,
+                                        copy_values=copy_values))
 
 
 def render_row(task: Task, example: Example) -> dict:

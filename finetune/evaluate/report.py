@@ -88,6 +88,9 @@ def constraint_lines(metrics: dict) -> list[str]:
         return ["Decoding was not constrained (evaluate.constrained=false, or a free-text task).", ""]
     what = ("the task's JSON schema (keys from its field list, in that order)" if kind == "json_schema"
             else f"one of the labels {constraint.get('labels')}")
+    if constraint.get("values_copied_from_input"):
+        what += (", each string value made of pieces copied from the row's input (a JSON-schema `pattern` per "
+                 "row, task.copy_values)")
     lines = [f"Answers were constrained to {what}: llama.cpp's GBNF grammar of it, in llama.cpp natively and in "
              f"transformers through llguidance (`generation.grammar` in metrics.json).", ""]
     head, models = metrics["headline_metric"], metrics["models"]

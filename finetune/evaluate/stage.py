@@ -124,15 +124,18 @@ class Session:
         self.predictions: dict[str, list[dict]] = {}
         self.outputs: dict[str, list[Generation]] = {}  # each model's answers as generated (finetune.route)
         constraint = task.answer_constraint() if cfg.evaluate.constrained else None
-        self.constraint = describe(constraint)
-        self.grammar = task.answer_grammar() if constraint is not None else None
+        self.constraint = describe(constraint, copies_input=task.per_input)
+        self.grammar = task.answer_grammar() if constraint is not None else None  # as metrics.json records it
+        # What decoding follows: that grammar, or one per row where values must copy the row's input.
+        self.grammars = (task.answer_grammars([task.input_of(r) for r in rows]) if constraint is not None
+                         else None)
 
-    def passes(self, name: str) -> list[tuple[str, str | None, str]]:
-        """(name, grammar, constraint kind) of each generation pass of a model: constrained, and unconstrained
-        as well when evaluate.unconstrained names it."""
+    def passes(self, name: str) -> list[tuple[str, str | list | None, str]]:
+        """(name, grammar or one per row, constraint kind) of each generation pass of a model: constrained,
+        and unconstrained as well when evaluate.unconstrained names it."""
         kind = self.constraint["kind"]
-        out = [(name, self.grammar, kind)]
-        if self.grammar is not None and any(fnmatch.fnmatchcase(name, p) for p in self.cfg.evaluate.unconstrained):
+        out = [(name, self.grammars, kind)]
+        if self.grammars is not None and any(fnmatch.fnmatchcase(name, p) for p in self.cfg.evaluate.unconstrained):
             out.append((f"{name}-unconstrained", None, "none"))
         return out
 

@@ -80,7 +80,6 @@ class Router:
         self.scorer = Scorer.from_dict(served["scorer"])
         self.escalate_below = served["escalate_below"]
         self.tokenizer = saved_tokenizer(self.cfg.model, self.run.adapter_dir, self.run.merged_dir)
-        self.grammar = self.task.answer_grammar() if self.cfg.evaluate.constrained else None
         self.sampling = sampling_from(self.cfg)  # the decoding the route stage fitted the confidence on
         strong = self.router["strong"]
         self.strong_url = strong_url or os.environ.get("FINETUNE_STRONG_URL") or (
@@ -90,7 +89,6 @@ class Router:
         self.timeout_s = timeout_s or self.cfg.route.timeout_s
         self.client = (Endpoint(self.strong_url, self.strong_model, self.timeout_s)
                        if self.strong_url and self.strong_model else None)
-        self.constraint = self.task.answer_constraint() if self.cfg.evaluate.constrained else None
         n_ctx = self.cfg.export.ollama.num_ctx if self.cfg.export.ollama else 2048
         self.llama = BatchedLlama(gguf, n_ctx=n_ctx, parallel=1, n_threads=n_threads, seed=self.cfg.method.seed)
         self.lock = threading.Lock()  # one llama.cpp context: one small answer at a time
@@ -102,9 +100,10 @@ class Router:
         t0 = time.perf_counter()
         prompt = render_prompt(self.tokenizer, self.task.prompt_messages(text), self.cfg.model)
         t1 = time.perf_counter()
+        grammar = self.task.answer_grammar(text) if self.cfg.evaluate.constrained else None  # the fitted decoding
         with self.lock:
             gen = self.llama.generate([prompt], list(self.cfg.model.stop_tokens), self.sampling,
-                                      bos_token=self.tokenizer.bos_token, grammar=self.grammar)[0]
+                                      bos_token=self.tokenizer.bos_token, grammar=grammar)[0]
         return gen, t1 - t0, time.perf_counter() - t1
 
     def answer(self, text: str) -> dict:
@@ -127,7 +126,8 @@ class Router:
                 t = time.perf_counter()
                 try:
                     messages = with_shots(self.task.prompt_messages(text), self.shots)
-                    strong = self.client.ask(messages, self.sampling.max_new_tokens, self.constraint)
+                    constraint = self.task.answer_constraint(text) if self.cfg.evaluate.constrained else None
+                    strong = self.client.ask(messages, self.sampling.max_new_tokens, constraint)
                     decision.update(answer=strong.text, escalated=True)
                 except Exception as exc:  # noqa: BLE001 - the caller always gets an answer
                     decision["fallback"] = f"strong endpoint failed: {type(exc).__name__}: {exc}"

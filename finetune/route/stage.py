@@ -41,8 +41,9 @@ FORMAT = 1  # router.json's layout version
 
 def answer_format_sha256(task: Any) -> str:
     """What a router's confidence was fitted to beyond task and model names: prompt and answer format."""
+    copies = {"values_copied_from_input": True} if task.per_input else {}  # absent: hashes of earlier routers hold
     return data_sha256({"constraint": task.answer_constraint(), "system": task.system_prompt,
-                        "template": task.prompt_template})
+                        "template": task.prompt_template, **copies})
 
 
 def small_gguf(run: RunDir, cfg: Config, name: str):
@@ -70,11 +71,12 @@ def answer(cfg: Config, run: RunDir, task: Any, rows: list[dict], train_rows: li
         else:
             conversations = [with_shots(row["prompt"], s.shots()) for row in rows]
             if kind == "gguf":
-                outputs = gguf_answers(r.strong, conversations, s.sampling.max_new_tokens, s.grammar,
+                outputs = gguf_answers(r.strong, conversations, s.sampling.max_new_tokens, s.grammars,
                                        cfg.evaluate.n_threads)
             else:
                 outputs = endpoint_answers(r.strong, r.strong_model, conversations, s.sampling.max_new_tokens,
-                                           task.answer_constraint() if cfg.evaluate.constrained else None,
+                                           [task.answer_constraint(task.input_of(row)) if cfg.evaluate.constrained
+                                            else None for row in rows],
                                            r.timeout_s)
             s.record("strong", outputs, {"runtime": kind, "source": r.strong, "few_shot": len(s.shots())})
     return s

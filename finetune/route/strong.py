@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.errors import ConfigError
-from finetune.runtimes.generation import Generation
+from finetune.runtimes.generation import Generation, Grammars, per_prompt
 
 
 def strong_kind(spec: str) -> str:
@@ -82,19 +82,21 @@ class Endpoint:
 
 
 def endpoint_answers(base_url: str, model: str, conversations: list[list[dict]], max_tokens: int,
-                     constraint: Any, timeout_s: float) -> list[Generation]:
+                     constraints: list[Any], timeout_s: float) -> list[Generation]:
+    """Greedy answers of an endpoint, each conversation under its own answer constraint (None: none)."""
     endpoint = Endpoint(base_url, model, timeout_s)
     out = []
-    for i, messages in enumerate(conversations):
+    for i, (messages, constraint) in enumerate(zip(conversations, constraints, strict=True)):
         gen = endpoint.ask(messages, max_tokens, constraint)
         gen.batch = i
         out.append(gen)
     return out
 
 
-def gguf_answers(path: str | Path, conversations: list[list[dict]], max_tokens: int, grammar: str | None,
+def gguf_answers(path: str | Path, conversations: list[list[dict]], max_tokens: int, grammar: Grammars,
                  n_threads: int | None = None) -> list[Generation]:
-    """Greedy answers of a local GGUF, its chat template applied by llama.cpp, one conversation at a time."""
+    """Greedy answers of a local GGUF, its chat template applied by llama.cpp, one conversation at a time
+    (`grammar`: one for all, or one per conversation)."""
     from llama_cpp import LlamaGrammar
 
     from finetune.runtimes.llamacpp import open_gguf
@@ -102,10 +104,10 @@ def gguf_answers(path: str | Path, conversations: list[list[dict]], max_tokens: 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"route.strong={path}: no such GGUF file")
-    llama_grammar = LlamaGrammar.from_string(grammar, verbose=False) if grammar is not None else None
     out = []
     with open_gguf(path, n_ctx=4096, n_threads=n_threads) as llm:
-        for i, messages in enumerate(conversations):
+        for i, (messages, text) in enumerate(zip(conversations, per_prompt(grammar, len(conversations)))):
+            llama_grammar = LlamaGrammar.from_string(text, verbose=False) if text is not None else None
             t0 = time.perf_counter()
             reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=max_tokens,
                                                grammar=llama_grammar)

@@ -39,6 +39,16 @@ def grammar_matcher(lltokenizer: Any, grammar: str) -> Any:
     return matcher
 
 
+def prototypes(lltokenizer: Any, grammars: list[str | None]) -> list[Any]:
+    """A matcher for each grammar in the list (None for None), each distinct grammar compiled once; an
+    answer starts from a deep copy of its prompt's."""
+    compiled: dict[str, Any] = {}
+    for grammar in grammars:
+        if grammar is not None and grammar not in compiled:
+            compiled[grammar] = grammar_matcher(lltokenizer, grammar)
+    return [compiled[g] if g is not None else None for g in grammars]
+
+
 def accepts(matcher: Any, tokens: list[int]) -> bool:
     """Whether the grammar allows exactly these tokens as a whole answer (the matcher is used up)."""
     return matcher.consume_tokens(list(tokens)) and matcher.is_accepting()
@@ -65,13 +75,12 @@ def blocked_tokens(matchers: list[Any], vocab: int) -> Any:
 
 
 class GrammarMask(LogitsProcessor):
-    """Masks one batch of generate(): row i follows its own copy of the grammar."""
+    """Masks one batch of generate(): row i follows its own copy of its grammar (`grammars`: one per row)."""
 
-    def __init__(self, lltokenizer: Any, grammar: str, stop_ids: list[int], rows: int):
-        prototype = grammar_matcher(lltokenizer, grammar)
-        self.matchers = [prototype.deep_copy() for _ in range(rows)]
+    def __init__(self, lltokenizer: Any, grammars: list[str | None], stop_ids: list[int]):
+        self.matchers = [m.deep_copy() if m is not None else None for m in prototypes(lltokenizer, grammars)]
         self.stop_ids = set(stop_ids)
-        self.done = [False] * rows
+        self.done = [m is None for m in self.matchers]  # a row without a grammar is never masked
         self.started = False
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:

@@ -7,6 +7,20 @@ end-of-turn tokens and count only the tokens generated before the stop, so token
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence, Union
+
+# What a runtime decodes under: one GBNF grammar for every prompt, one per prompt, or None (free text).
+Grammars = Union[str, Sequence[Union[str, None]], None]
+
+
+def per_prompt(grammar: Grammars, n: int) -> list[str | None]:
+    """One grammar (or None) for each of `n` prompts: `grammar` for all, or a list giving each its own."""
+    if grammar is None or isinstance(grammar, str):
+        return [grammar] * n
+    grammars = list(grammar)
+    if len(grammars) != n:
+        raise ValueError(f"{len(grammars)} grammars for {n} prompts")
+    return grammars
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from finetune.core.errors import ExportError
 from finetune.core.hardware import cpu_threads
-from finetune.runtimes.generation import Generation, Sampling, adds_bos
+from finetune.runtimes.generation import Generation, Grammars, Sampling, adds_bos, per_prompt
 
 
 @contextlib.contextmanager
@@ -88,18 +88,22 @@ def generate_llama_cpp(
     n_ctx: int,
     n_threads: int | None = None,
     bos_token: str | None = None,
-    grammar: str | None = None,
+    grammar: Grammars = None,
 ) -> list[Generation]:
     """One prompt at a time through llama-cpp-python, with the stop list a Modelfile would carry.
 
-    `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match; llama.cpp's
-    grammar sampler allows the end-of-turn token only once the grammar is complete, and only it then."""
+    `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, or a list of
+    one per prompt; llama.cpp's grammar sampler allows the end-of-turn token only once the grammar is
+    complete, and only it then."""
     from llama_cpp import LlamaGrammar
 
-    llama_grammar = LlamaGrammar.from_string(grammar, verbose=False) if grammar is not None else None
+    parsed: dict[str, LlamaGrammar] = {}
     results = []
     with open_gguf(Path(gguf_path), n_ctx=n_ctx, n_threads=n_threads, seed=sampling.seed) as llm:
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, text) in enumerate(zip(prompts, per_prompt(grammar, len(prompts)))):
+            if text is not None and text not in parsed:
+                parsed[text] = LlamaGrammar.from_string(text, verbose=False)
+            llama_grammar = parsed.get(text) if text is not None else None
             tokens = prompt_tokens(llm, prompt, bos_token)
             t0 = time.perf_counter()
             out = llm.create_completion(

@@ -33,7 +33,7 @@ from typing import Any
 
 from finetune.core.errors import ConfigError, ExportError
 from finetune.core.hardware import cpu_threads
-from finetune.runtimes.generation import Generation, Sampling
+from finetune.runtimes.generation import Generation, Grammars, Sampling, per_prompt
 from finetune.runtimes.llamacpp import open_gguf, prompt_tokens
 from finetune.runtimes.llamacpp_stops import AnswerState  # noqa: F401 - part of this module's interface
 
@@ -267,7 +267,7 @@ class BatchedLlama:
         return llama_cpp.llama_sampler_sample(seq.sampler, self.dec.ctx, idx)
 
     def generate(self, prompts: list[str], stop_tokens: list[str], sampling: Sampling, *,
-                 bos_token: str | None = None, grammar: str | None = None) -> list[Generation]:
+                 bos_token: str | None = None, grammar: Grammars = None) -> list[Generation]:
         """See generate_llama_cpp_batched."""
         import llama_cpp
 
@@ -283,6 +283,7 @@ class BatchedLlama:
         prefix = common_prefix(token_lists if len(prompts) > 1 else [self._last, token_lists[0]])
         self._last = token_lists[0]
         seeds = completion_seeds(sampling.seed, len(prompts))
+        grammars = per_prompt(grammar, len(prompts))
         stops = [s.encode("utf-8") for s in stop_tokens]
         if prefix and self._held[:prefix] == token_lists[0][:prefix] and len(self._held) >= prefix:
             llama_cpp.llama_memory_seq_rm(dec.mem, prefix_seq, prefix, -1)  # keep exactly the shared part
@@ -328,9 +329,9 @@ class BatchedLlama:
                     # create_completion's max_tokens: none (<= 0) or too many mean what the context leaves
                     room = dec.n_ctx - len(tokens)
                     max_tokens = min(sampling.max_new_tokens, room) if sampling.max_new_tokens > 0 else room
-                    sampler = new_sampler(vocab, sampling, seeds[i], grammar)
+                    sampler = new_sampler(vocab, sampling, seeds[i], grammars[i])
                     seq = Live(i, AnswerState(stops, max_tokens, self.bos, self.piece), sampler, len(tokens), slot,
-                               greedy_grammar(sampler, grammar, sampling))
+                               greedy_grammar(sampler, grammars[i], sampling))
                     slots[slot] = seq
                     if prefix:
                         dec.copy(prefix_seq, slot)
@@ -376,12 +377,12 @@ def generate_llama_cpp_batched(
     parallel: int = 16,
     n_threads: int | None = None,
     bos_token: str | None = None,
-    grammar: str | None = None,
+    grammar: Grammars = None,
 ) -> list[Generation]:
     """generate_llama_cpp's answers, `parallel` sequences decoded per llama_decode.
 
     n_ctx is each sequence's context (prompt + answer), as generate_llama_cpp's n_ctx; `grammar` is a
-    GBNF text (root rule "root") every answer must follow. Returns one Generation per prompt, in prompt
+    GBNF text (root rule "root") every answer must follow, or a list of one per prompt. Returns one Generation per prompt, in prompt
     order: latency_s from the answer's first decode to its last token, batch = the slot it ran in
     (answers of different slots overlap in time: the call's wall time is not the sum of latencies), and
     each answer token's log-probability under the raw logits (logprobs).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from finetune.runtimes.generation import Generation, Sampling, adds_bos
+from finetune.runtimes.generation import Generation, Grammars, Sampling, adds_bos, per_prompt
 
 
 def stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> list[int]:
@@ -30,14 +30,14 @@ def generate_transformers(
     stop_tokens: list[str],
     sampling: Sampling,
     batch_size: int = 16,
-    grammar: str | None = None,
+    grammar: Grammars = None,
     logprobs: bool = True,
     continuous: bool = True,
 ) -> list[Generation]:
     """Batched generation with left padding; prompts are length-sorted to waste little on padding.
 
-    `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, enforced
-    through llguidance; the same grammar llama.cpp's generate_llama_cpp takes. `logprobs`: record each
+    `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, or a list of
+    one per prompt, enforced through llguidance; the same grammar llama.cpp's generate_llama_cpp takes. `logprobs`: record each
     answer token's log-probability under the raw scores (Generation.logprobs). `continuous`: greedy answers
     through finetune.runtimes.transformers_batch, where finished answers leave the batch and waiting prompts
     take their slots (`batch_size` of them), where the model allows it; otherwise (and when sampling) each
@@ -47,7 +47,8 @@ def generate_transformers(
 
     stop_ids = stop_token_ids(tokenizer, stop_tokens)
     lltokenizer = None
-    if grammar is not None:
+    grammars = per_prompt(grammar, len(prompts))
+    if any(g is not None for g in grammars):
         from finetune.runtimes.constrained import llguidance_tokenizer
 
         head = model.get_output_embeddings()
@@ -76,7 +77,7 @@ def generate_transformers(
 
             if supports_continuous(model):
                 return generate_continuous(model, tokenizer, prompts, order, stop_ids, sampling.max_new_tokens,
-                                           batch_size, add_special, lltokenizer, grammar, logprobs)
+                                           batch_size, add_special, lltokenizer, grammars, logprobs)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = tokenizer(
@@ -92,7 +93,7 @@ def generate_transformers(
             if lltokenizer is not None:
                 from finetune.runtimes.constrained import GrammarMask
 
-                processors.append(GrammarMask(lltokenizer, grammar, stop_ids, len(idx)))
+                processors.append(GrammarMask(lltokenizer, [grammars[i] for i in idx], stop_ids))
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = model.generate(**batch, generation_config=gen_cfg, logits_processor=processors)

@@ -164,10 +164,11 @@ def prefill(model: Any, input_ids: Any, mask: Any, cache_kw: str) -> tuple[Any, 
 
 
 def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[int], stop_ids: list[int],
-                  max_new_tokens: int, slots: int, add_special: bool, matcher: Any = None,
+                  max_new_tokens: int, slots: int, add_special: bool, matchers: list[Any] | None = None,
                   want_logprobs: bool = False) -> list[Answer]:
     """The answers to `prompts` (in prompt order), admitted in `order`, at most `slots` decoded at once.
-    `matcher`: an llguidance matcher each answer gets a fresh copy of. `want_logprobs`: fill Answer.logprobs."""
+    `matchers`: per prompt, an llguidance matcher (or None) its answer gets a fresh copy of. `want_logprobs`:
+    fill Answer.logprobs."""
     import torch
 
     device = next(model.parameters()).device
@@ -184,7 +185,8 @@ def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[in
             free = slots - len(batch.live)
             if free > 0 and waiting:
                 idx = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                rows = [Answer(i, matcher.deep_copy() if matcher is not None else None) for i in idx]
+                rows = [Answer(i, matchers[i].deep_copy() if matchers and matchers[i] is not None else None)
+                        for i in idx]
                 for a in rows:
                     answers[a.index] = a
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
@@ -212,21 +214,21 @@ def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[in
 
 def generate_continuous(model: Any, tokenizer: Any, prompts: list[str], order: list[int], stop_ids: list[int],
                         max_new_tokens: int, slots: int, add_special: bool, lltokenizer: Any = None,
-                        grammar: str | None = None, logprobs: bool = False) -> list[Generation]:
+                        grammars: list[str | None] | None = None, logprobs: bool = False) -> list[Generation]:
     """generate_transformers' greedy answers through decode_greedy, in prompt order. All answers come back
     when the call ends, as one batch: latency_s is the whole call's wall time and batch is 0 for every answer
     (so finetune.evaluate.metrics, which adds up one latency per batch, counts the call's wall time)."""
     import torch
 
-    matcher = None
-    if grammar is not None:
-        from finetune.runtimes.constrained import grammar_matcher
+    matchers = None
+    if grammars is not None and any(g is not None for g in grammars):
+        from finetune.runtimes.constrained import prototypes
 
-        matcher = grammar_matcher(lltokenizer, grammar)
+        matchers = prototypes(lltokenizer, grammars)
     t0 = time.perf_counter()
     with torch.inference_mode():
         answers = decode_greedy(model, tokenizer, prompts, order, stop_ids, max_new_tokens, slots, add_special,
-                                matcher, want_logprobs=logprobs)
+                                matchers, want_logprobs=logprobs)
     latency = time.perf_counter() - t0
     # a.logprobs ends with the stop token's when the answer stopped; Generation.logprobs leaves it out.
     return [Generation(tokenizer.decode(a.tokens, skip_special_tokens=True), len(a.tokens), latency,

@@ -111,9 +111,10 @@ class Task:
         """The reference answer for a data value, or BadExample naming what is wrong with it."""
         raise NotImplementedError
 
-    def learn_from_train(self, train_references: list) -> dict:
-        """Settle what the task takes from the training answers before rows are rendered (extraction: the
-        field list and its order); returns what was decided, for the data stage's report."""
+    def learn_from_train(self, train_references: list, train_inputs: list[str | None] | None = None) -> dict:
+        """Settle what the task takes from the training answers (and their inputs) before rows are rendered
+        (extraction: the field list and its order, whether values copy the input); returns what was decided,
+        for the data stage's report."""
         return self.learned
 
     def answer_text(self, reference: Any) -> str:
@@ -139,10 +140,19 @@ class Task:
         return None if result is None else result[0]
 
     # ---- constrained decoding (finetune.tasks.grammar) ---------------------------------------
-    def answer_constraint(self) -> Constraint:
-        """What a valid answer is, for constrained decoding: a JSON schema dict, a label list, or None."""
+    per_input = False  # whether the constraint depends on the input answered (answer_constraint(text))
+
+    def answer_constraint(self, text: str | None = None) -> Constraint:
+        """What a valid answer is, for constrained decoding: a JSON schema dict, a label list, or None.
+        `text`: the input answered, where the constraint depends on it (per_input); None: any input."""
         return None
 
-    def answer_grammar(self) -> str | None:
+    def answer_grammar(self, text: str | None = None) -> str | None:
         """The GBNF grammar every runtime decodes under (None: free text)."""
-        return gbnf_grammar(self.answer_constraint())
+        return gbnf_grammar(self.answer_constraint(text))
+
+    def answer_grammars(self, inputs: list[str]) -> str | list[str | None] | None:
+        """The grammar of answers to these inputs: one for all of them, or one each where it depends on the input."""
+        if not self.per_input:
+            return self.answer_grammar()
+        return [self.answer_grammar(text) for text in inputs]

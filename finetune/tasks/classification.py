@@ -57,7 +57,7 @@ class ClassificationTask(Task):
     def answer_text(self, reference: str) -> str:
         return reference
 
-    def answer_constraint(self) -> list[str]:
+    def answer_constraint(self, text: str | None = None) -> list[str]:
         """The label set: a constrained answer is exactly one label, bare, as trained."""
         return list(self.labels)
 

@@ -27,6 +27,7 @@ from typing import Any
 from finetune.core.config import TaskConfig
 from finetune.core.errors import ConfigError
 from finetune.tasks.base import BadExample, Task, f1, normalize_value, strip_fences
+from finetune.tasks.copying import AUTO_SHARE, copied_share, with_copy_patterns
 from finetune.tasks.crf import SpanTagger
 
 log = logging.getLogger("finetune")
@@ -159,11 +160,20 @@ class ExtractionTask(Task):
         self.fields = [str(f) for f in (cfg.fields or [])] or list(properties)
         self.fields_given = bool(self.fields)
         self.types = {k: v.get("type") for k, v in properties.items() if isinstance(v, dict) and v.get("type")}
+        # Values copied from the input (finetune.tasks.copying): None until learn_from_train decides it.
+        self.copy_values: bool | None = cfg.copy_values
+        self.copy_values_given = cfg.copy_values is not None
 
-    def learn_from_train(self, train_references: list[dict]) -> dict:
+    @property
+    def per_input(self) -> bool:
+        return bool(self.copy_values)
+
+    def learn_from_train(self, train_references: list[dict], train_inputs: list[str | None] | None = None) -> dict:
         """Answers keep the key order of the user's data: the field list is put in the order the training
         answers write their keys (not the order task.fields lists them), and inferred from them when
-        task.fields is empty. What was decided goes into the data stage's report."""
+        task.fields is empty. Values are held to copies of the input (copy_values) when task.copy_values
+        says so or, unset, when at least copying.AUTO_SHARE of the training answers copy their inputs.
+        What was decided goes into the data stage's report."""
         order = key_order(train_references)
         unseen = [k for k in self.fields if k not in order]  # allowed, never in a training answer
         if self.fields_given:
@@ -177,8 +187,15 @@ class ExtractionTask(Task):
         self.schema.setdefault("properties", {})
         for key, prop in learned_types.items():
             self.schema["properties"].setdefault(key, prop)
+        pairs = [(x, r) for x, r in zip(train_inputs or [], train_references) if isinstance(x, str)]
+        share, counted = copied_share([x for x, _ in pairs], [r for _, r in pairs])
+        if self.copy_values is None:
+            self.copy_values = counted > 0 and share >= AUTO_SHARE
         self.learned = {"fields": order, "field_types": learned_types, "fields_from": "task.fields, in the data's key order" if self.fields_given
-                else "the training answers (task.fields empty)", "fields_never_in_training": unseen}
+                else "the training answers (task.fields empty)", "fields_never_in_training": unseen,
+                "copy_values": self.copy_values, "values_copied_share": round(share, 4),
+                "values_copied_from": "task.copy_values" if self.copy_values_given else
+                f"the training answers ({counted} with string values; on from {AUTO_SHARE:.0%})"}
         return self.learned
 
     # ---- data -------------------------------------------------------------------------
@@ -204,11 +221,12 @@ class ExtractionTask(Task):
         ordered = dict(sorted(reference.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
 
-    def answer_constraint(self) -> dict:
+    def answer_constraint(self, text: str | None = None) -> dict:
         """The JSON schema of an answer: every field optional, in the task's field order (the order the
         trained answers write, and the order llama.cpp's schema grammar allows them in), no other keys.
         Value types come from task.json_schema where it gives them, else string; an array holds strings
-        unless the schema says what its items are."""
+        unless the schema says what its items are. With copy_values and the input `text`, every string
+        value must be pieces of that text (finetune.tasks.copying)."""
         declared = self.schema.get("properties") or {}
         properties = {}
         for key in self.fields:
@@ -218,7 +236,8 @@ class ExtractionTask(Task):
                 items = declared[key].get("items") if isinstance(declared.get(key), dict) else None
                 prop["items"] = items if isinstance(items, dict) else {"type": "string"}
             properties[key] = prop
-        return {"type": "object", "properties": properties, "additionalProperties": False}
+        schema = {"type": "object", "properties": properties, "additionalProperties": False}
+        return with_copy_patterns(schema, text) if self.copy_values and text is not None else schema
 
     # ---- answers ----------------------------------------------------------------------
     def parse(self, text: str) -> dict | None:

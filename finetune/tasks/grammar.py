@@ -79,9 +79,11 @@ def constraint_kind(constraint: Constraint) -> str:
     return "json_schema" if isinstance(constraint, dict) else "labels"
 
 
-def describe(constraint: Any) -> dict:
-    """The constraint as metrics.json records it."""
+def describe(constraint: Any, copies_input: bool = False) -> dict:
+    """The constraint as metrics.json records it; `copies_input`: each row's string values were also held
+    to pieces of its input (finetune.tasks.copying)."""
     kind = constraint_kind(constraint)
     if kind == "none":
         return {"kind": kind}
-    return {"kind": kind, ("schema" if kind == "json_schema" else "labels"): constraint}
+    out = {"kind": kind, ("schema" if kind == "json_schema" else "labels"): constraint}
+    return {**out, "values_copied_from_input": True} if copies_input else out

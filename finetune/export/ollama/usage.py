@@ -23,10 +23,15 @@ from finetune.tasks.grammar import constraint_kind, gbnf_grammar, ollama_format
 OLLAMA_CHAT_URL = "http://localhost:11434/api/chat"
 
 
+def settled_task(cfg: Config, run: RunDir | None) -> Any:
+    """The task as the run's data stage settled it (the field order learned from the training answers, which
+    the model writes; whether values copy the input); from the config alone when there is no run."""
+    return run_task(cfg.task, run) if run is not None else get_task(cfg.task)
+
+
 def answer_constraint(cfg: Config, run: RunDir | None) -> Any:
-    """The task's answer constraint as the run's data stage settled it (the field order learned from the
-    training answers, which the model writes); from the config alone when there is no run."""
-    return (run_task(cfg.task, run) if run is not None else get_task(cfg.task)).answer_constraint()
+    """The task's answer constraint, for any input (settled_task)."""
+    return settled_task(cfg, run).answer_constraint()
 
 
 def write_constraint_files(cfg: Config, run: RunDir) -> list[Path]:
@@ -66,9 +71,18 @@ def python_call(cfg: Config, quant: str, schema_path: str) -> list[str]:
             "print(response.message.content)"]
 
 
+COPY_NOTE = ("The evaluation also held every string value to words copied from the input: per request, give each "
+             "string property of the schema a `pattern` made of the input's words and other characters, as "
+             "finetune.tasks.copying.with_copy_patterns(schema, text) writes it (Ollama's format takes it).")
+
+
 def format_note(cfg: Config, run: RunDir | None = None) -> str | None:
-    """What Ollama's `format` cannot do for a label set, said plainly."""
-    constraint = answer_constraint(cfg, run)
+    """What Ollama's `format` cannot do for a label set, and the per-request pattern of values copied from
+    the input, said plainly."""
+    task = settled_task(cfg, run)
+    constraint = task.answer_constraint()
+    if task.per_input and constraint_kind(constraint) == "json_schema":
+        return COPY_NOTE
     if constraint_kind(constraint) != "labels":
         return None
     return (f"Ollama's format constrains to JSON only: with this schema the answer is a label in quotes "
