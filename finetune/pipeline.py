@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.core.config import Config, model_config, to_dict, to_typed
+from finetune.core.config import Config, metric_examples, model_config, to_dict, to_typed
 from finetune.core.values import value_problems
 from finetune.core.distributed import is_main_process, rank, world_size
 from finetune.core.errors import ConfigError, DataError, FinetuneError, RunDirError
@@ -289,6 +289,7 @@ def run_pipeline(composed: DictConfig | Config, root: Path, command: str | None 
     cfg = composed if isinstance(composed, Config) else to_typed(composed)
     run = RunDir(root)
     stages = selected_stages(cfg)
+    cfg.method.metric_examples = metric_examples(cfg.method, search)  # settled: the train stage's fingerprint
     if search:
         check_searchable(cfg, stages)
     if world_size() > 1 and "run_dir=" not in " ".join(sys.argv):

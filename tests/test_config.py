@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from finetune.core.config import CONF_DIR, compose
+from finetune.core.config import CONF_DIR, METRIC_EXAMPLES, compose, metric_examples
 from finetune.core.errors import ConfigError
 from finetune.pipeline import selected_stages, stage_names
 
@@ -65,6 +65,17 @@ def test_the_default_budget_follows_the_cpu_kind(monkeypatch, method):
         monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda native=native: native)
         assert compose([f"method={method}"]).method.budget_minutes == minutes
         assert compose([f"method={method}", "method.budget_minutes=7.5"]).method.budget_minutes == 7.5
+
+
+def test_validation_rows_are_scored_only_where_something_reads_them():
+    """A plain run scores no validation rows after training (the evaluate stage measures the model); a
+    search's trial and best_by=task score 32 unless method.metric_examples says otherwise."""
+    method = compose([]).method
+    assert method.metric_examples is None and metric_examples(method) == 0
+    assert metric_examples(method, search=True) == METRIC_EXAMPLES == 32
+    assert metric_examples(compose(["method.best_by=task"]).method) == 32
+    assert metric_examples(compose(["method.metric_examples=5"]).method, search=True) == 5
+    assert metric_examples(compose(["method.metric_examples=0"]).method) == 0
 
 
 @pytest.mark.parametrize(

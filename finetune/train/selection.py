@@ -3,8 +3,9 @@
 A low validation loss is not a right answer: at 150 steps the address model had eval_loss 0.11 and field F1
 0.62 (docs/training.md). So the trainer can score `method.metric_examples` validation rows with the task's
 metric (greedy answers, as the evaluate stage generates them) at every evaluation and keep the checkpoint
-with the best one (`method.best_by=task`), and it always scores the final model once: that number is the
-objective of a hyper-parameter search (the test split stays untouched by any choice).
+with the best one (`method.best_by=task`), and it scores the final model once: that number is the
+objective of a hyper-parameter search (the test split stays untouched by any choice). A plain run scores
+no validation rows (finetune.core.config.metric_examples): the evaluate stage measures its model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from finetune.core.config import Config
+from finetune.core.config import Config, metric_examples
 from finetune.core.rundir import RunDir
 from finetune.data.rows import read_rows, run_task
 from finetune.models.loading import render_prompt
@@ -31,7 +32,7 @@ class ValidationScorer:
         self.task = run_task(cfg.task, run)
         path = run.split_path("validation")
         rows = read_rows(path, required=("prompt", "reference")) if path.is_file() else []
-        self.rows = rows[: cfg.method.metric_examples]
+        self.rows = rows[: metric_examples(cfg.method)]
         self.metric = self.task.headline_metric
         self.key = f"eval_{self.metric}"
 

@@ -14,7 +14,7 @@ import logging
 import math
 from typing import Any
 
-from finetune.core.config import Config, MethodConfig
+from finetune.core.config import Config, MethodConfig, metric_examples
 from finetune.core.distributed import world_size
 from finetune.core.errors import ConfigError, DataError, TrainingDiverged
 from finetune.core.files import write_json_atomic
@@ -151,7 +151,7 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
     device = device_for(cfg.device)
     precision = resolve_precision(cfg.method, device)
     train_ds, eval_ds = load_datasets(cfg, run)
-    scorer = ValidationScorer(cfg, run) if cfg.method.metric_examples > 0 else None
+    scorer = ValidationScorer(cfg, run) if metric_examples(cfg.method) > 0 else None
     by_task = cfg.method.best_by == "task" and bool(scorer)
     args = sft_config(cfg, run, device, precision, has_eval=eval_ds is not None,
                       best_metric=scorer.metric if by_task else "")
