@@ -13,7 +13,7 @@ from trainutil import ROOT, finetune_cmd, read_adapter, run_finetune, tiny_run, 
 
 from finetune.core.config import compose
 from finetune.core.errors import ConfigError, TrainingDiverged
-from finetune.core.hardware import cpu_supports_bf16
+from finetune.core.hardware import cpu_bf16_faster
 from finetune.core.rundir import RunDir
 from finetune.data.rows import load_split
 from finetune.train.checkpoints import last_complete_checkpoint
@@ -26,12 +26,26 @@ from finetune.train.stage import build_trainer, planned_steps, sft_config, train
 
 def test_precision_auto_follows_the_device():
     method = compose(["method=lora"]).method
-    assert resolve_precision(method, "cpu") == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert resolve_precision(method, "cpu") == ("bf16" if cpu_bf16_faster() else "fp32")
     method.precision = "fp16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_precision(method, "cpu")
     method.precision = "fp32"
     assert resolve_precision(method, "cpu") == "fp32"
+
+
+@pytest.mark.parametrize("flags, speedup, expected", [(True, 0.6, "fp32"), (True, 1.05, "fp32"), (True, 2.0, "bf16"),
+                                                      (False, 2.0, "fp32")])
+def test_precision_auto_on_a_cpu_is_the_faster_one(monkeypatch, flags, speedup, expected):
+    """bf16 autocast only where the CPU has native bf16 AND its matmul measured clearly faster than fp32's
+    (a Xeon with AVX512-BF16 but no AMX ran bf16 at 0.54-0.71x); the probe itself, once per process."""
+    from finetune.core import hardware
+
+    first = hardware.bf16_matmul_speedup()
+    assert first > 0 and hardware.bf16_matmul_speedup() == first  # measured once, then cached
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: flags)
+    monkeypatch.setattr(hardware, "bf16_matmul_speedup", lambda: speedup)
+    assert resolve_precision(compose(["method=full"]).method, "cpu") == expected
 
 
 def test_sft_config_takes_every_knob_from_the_method(tmp_path):
@@ -260,7 +274,7 @@ def test_qlora_run_saves_adapter_log_and_best_checkpoint(tmp_path, caplog):
         summary = train(cfg, run)
     assert summary["method"] == "qlora" and summary["global_step"] == 4 and summary["world_size"] == 1
     assert summary["base_4bit"]
-    assert summary["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert summary["precision"] == ("bf16" if cpu_bf16_faster() else "fp32")
     files = {p.name for p in run.adapter_dir.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files
     assert not (run.root / ".adapter.tmp").exists()

@@ -1,9 +1,11 @@
-"""What this machine offers: CPU threads and native bf16."""
+"""What this machine offers: CPU threads and native bf16, and whether bf16 is the faster on it."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +26,39 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+# The CPU's bf16 matmul is taken over fp32 only when it is clearly the faster (a margin for timing noise).
+BF16_MIN_SPEEDUP = 1.1
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_speedup() -> float:
+    """fp32 seconds over bf16 seconds of one (512 x 1024) @ (1024 x 2048) matmul on this CPU at torch's
+    thread count, best of 5 each after 2 warm-ups (~0.2 s in all, once per process): above 1 where bf16 is
+    the faster. The flags do not say it: an AMD EPYC with AVX512-BF16 ran bf16 ~2x fp32 and a Xeon with AMX
+    ~7x, but a Xeon with AVX512-BF16 whose AMX the VM hides ran it at 0.54-0.71x (oneDNN's avx512_core_bf16
+    kernel against MKL's fp32 one; training steps 1.43x slower in bf16, docs/training.md)."""
+    import torch
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(512, 1024, dtype=dtype), torch.randn(2048, 1024, dtype=dtype)
+        for _ in range(2):
+            torch.nn.functional.linear(a, b)
+        seconds = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            seconds = min(seconds, time.perf_counter() - start)
+        return seconds
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+def cpu_bf16_faster() -> bool:
+    """Whether bf16 autocast is the faster choice on this CPU: native bf16 (cpu_supports_bf16) and matmuls
+    measured at least BF16_MIN_SPEEDUP times fp32's speed (bf16_matmul_speedup)."""
+    return cpu_supports_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from finetune.core.config import Config, MethodConfig, metric_examples
 from finetune.core.distributed import world_size
 from finetune.core.errors import ConfigError, DataError, TrainingDiverged
 from finetune.core.files import write_json_atomic
+from finetune.core.hardware import BF16_MIN_SPEEDUP, bf16_matmul_speedup, cpu_supports_bf16
 from finetune.core.rundir import RunDir
 from finetune.data.rows import load_split
 from finetune.models.loading import device_for, load_tokenizer
@@ -187,6 +188,10 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
             "base_4bit": getattr(model, "hf_quantizer", None) is not None,
             "train_examples": len(train_ds), "validation_examples": len(eval_ds) if eval_ds is not None else 0,
             **check_eos_trained(trainer.train_dataset, tokenizer, cfg.model.eos_token, cfg.method.max_length)}
+    if device == "cpu" and str(cfg.method.precision) == "auto" and cpu_supports_bf16():  # what chose fp32 or bf16
+        info["bf16_matmul_speedup"] = round(bf16_matmul_speedup(), 2)
+        log.info("precision %s: this CPU's bf16 matmul runs %.2fx fp32's speed (bf16 from %.1fx)", precision,
+                 info["bf16_matmul_speedup"], BF16_MIN_SPEEDUP)
     return trainer, info
 
 
