@@ -3,11 +3,12 @@
 Where an extraction task's answers copy their values out of the input (an address split into its parts,
 the entities of a sentence), a value that is not made of the input's words is always wrong: a misspelled
 copy ("Brockwood" for "Brookwood"), a word the input does not have. The task's schema then gets, for the
-row at hand, a JSON-schema `pattern` on every string value: one or more of the input's pieces (the
-tokens of finetune.tasks.crf: runs of word characters, and each other non-space character), written
-together or after a single space, two words never touching (copy_pattern). A pattern is standard JSON schema, so the same per-row schema holds in
-every runtime that takes one: llama.cpp's grammar (through its own converter), llguidance in
-transformers, Ollama's `format`, OpenAI-style `response_format`.
+row at hand, a JSON-schema `pattern` on every string value (through one `$defs` entry): one or more of
+the input's pieces (the tokens of finetune.tasks.crf: runs of word characters, and each other non-space
+character), written together or after a single space, two words never touching (copy_pattern). A
+pattern is standard JSON schema, so the same per-row schema holds in every runtime that takes one:
+llama.cpp's grammar (through its own converter), llguidance in transformers, Ollama's `format`,
+OpenAI-style `response_format`.
 
 Pieces are matched as written (case included): the model copies, it does not re-case. Pieces holding a
 quote, a backslash or a control character (inside a JSON string they need escapes, which a pattern over the
