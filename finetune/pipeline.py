@@ -281,8 +281,7 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_pipeline(composed: DictConfig | Config, root: Path, command: str | None = None,
-                 search: bool = False) -> RunDir:
+def run_pipeline(composed: DictConfig | Config, root: Path, command: str | None = None, search: bool = False) -> RunDir:
     """Run the selected stages of the composed config in the run directory `root`. `command`: what
     reproduces this run (a trial of a sweep: its own overrides); `search`: the run is a trial of a
     hyper-parameter search, which reads `objective(cfg, run)` afterwards."""
