@@ -343,7 +343,6 @@ def if_cpu_bf16(native: Any, otherwise: Any) -> Any:
     return native if hardware.cpu_supports_bf16() else otherwise
 
 
-# Where the YAML files live: the source checkout's conf/, or the copy packaged as finetune/conf.
 METRIC_EXAMPLES = 32  # validation rows scored after training where the number is read (method.metric_examples)
 
 
@@ -355,6 +354,7 @@ def metric_examples(method: "MethodConfig", search: bool = False) -> int:
     return METRIC_EXAMPLES if search or method.best_by == "task" else 0
 
 
+# Where the YAML files live: the source checkout's conf/, or the copy packaged as finetune/conf.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf" if (PROJECT_ROOT / "conf" / "config.yaml").is_file() else PROJECT_ROOT / "finetune" / "conf"
 

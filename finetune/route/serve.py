@@ -80,6 +80,9 @@ class Router:
         self.scorer = Scorer.from_dict(served["scorer"])
         self.escalate_below = served["escalate_below"]
         self.tokenizer = saved_tokenizer(self.cfg.model, self.run.adapter_dir, self.run.merged_dir)
+        # The answer constraint when it is the same for every input; built per request where it depends on it.
+        self.constrained = self.cfg.evaluate.constrained
+        self.grammar = self.task.answer_grammar() if self.constrained and not self.task.per_input else None
         self.sampling = sampling_from(self.cfg)  # the decoding the route stage fitted the confidence on
         strong = self.router["strong"]
         self.strong_url = strong_url or os.environ.get("FINETUNE_STRONG_URL") or (
@@ -100,7 +103,7 @@ class Router:
         t0 = time.perf_counter()
         prompt = render_prompt(self.tokenizer, self.task.prompt_messages(text), self.cfg.model)
         t1 = time.perf_counter()
-        grammar = self.task.answer_grammar(text) if self.cfg.evaluate.constrained else None  # the fitted decoding
+        grammar = self.task.answer_grammar(text) if self.constrained and self.task.per_input else self.grammar
         with self.lock:
             gen = self.llama.generate([prompt], list(self.cfg.model.stop_tokens), self.sampling,
                                       bos_token=self.tokenizer.bos_token, grammar=grammar)[0]
@@ -126,7 +129,7 @@ class Router:
                 t = time.perf_counter()
                 try:
                     messages = with_shots(self.task.prompt_messages(text), self.shots)
-                    constraint = self.task.answer_constraint(text) if self.cfg.evaluate.constrained else None
+                    constraint = self.task.answer_constraint(text) if self.constrained else None
                     strong = self.client.ask(messages, self.sampling.max_new_tokens, constraint)
                     decision.update(answer=strong.text, escalated=True)
                 except Exception as exc:  # noqa: BLE001 - the caller always gets an answer

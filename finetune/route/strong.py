@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.errors import ConfigError
-from finetune.runtimes.generation import Generation, Grammars, per_prompt
+from finetune.runtimes.generation import Generation, Grammars
 
 
 def strong_kind(spec: str) -> str:
@@ -97,17 +97,14 @@ def gguf_answers(path: str | Path, conversations: list[list[dict]], max_tokens: 
                  n_threads: int | None = None) -> list[Generation]:
     """Greedy answers of a local GGUF, its chat template applied by llama.cpp, one conversation at a time
     (`grammar`: one for all, or one per conversation)."""
-    from llama_cpp import LlamaGrammar
-
-    from finetune.runtimes.llamacpp import open_gguf
+    from finetune.runtimes.llamacpp import llama_grammars, open_gguf
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"route.strong={path}: no such GGUF file")
     out = []
     with open_gguf(path, n_ctx=4096, n_threads=n_threads) as llm:
-        for i, (messages, text) in enumerate(zip(conversations, per_prompt(grammar, len(conversations)))):
-            llama_grammar = LlamaGrammar.from_string(text, verbose=False) if text is not None else None
+        for i, (messages, llama_grammar) in enumerate(zip(conversations, llama_grammars(grammar, len(conversations)))):
             t0 = time.perf_counter()
             reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=max_tokens,
                                                grammar=llama_grammar)

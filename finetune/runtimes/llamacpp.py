@@ -79,6 +79,15 @@ def gguf_adds_bos(llm: Any) -> bool:
     return len(llm.tokenize(b"a", add_bos=True, special=False)) > len(llm.tokenize(b"a", add_bos=False))
 
 
+def llama_grammars(grammar: Grammars, n: int) -> list[Any]:
+    """llama-cpp-python's LlamaGrammar (or None) for each of `n` prompts, each distinct grammar parsed once."""
+    from llama_cpp import LlamaGrammar
+
+    texts = per_prompt(grammar, n)
+    parsed = {t: LlamaGrammar.from_string(t, verbose=False) for t in dict.fromkeys(texts) if t is not None}
+    return [parsed[t] if t is not None else None for t in texts]
+
+
 def generate_llama_cpp(
     gguf_path: str | Path,
     prompts: list[str],
@@ -95,15 +104,9 @@ def generate_llama_cpp(
     `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, or a list of
     one per prompt; llama.cpp's grammar sampler allows the end-of-turn token only once the grammar is
     complete, and only it then."""
-    from llama_cpp import LlamaGrammar
-
-    parsed: dict[str, LlamaGrammar] = {}
     results = []
     with open_gguf(Path(gguf_path), n_ctx=n_ctx, n_threads=n_threads, seed=sampling.seed) as llm:
-        for i, (prompt, text) in enumerate(zip(prompts, per_prompt(grammar, len(prompts)))):
-            if text is not None and text not in parsed:
-                parsed[text] = LlamaGrammar.from_string(text, verbose=False)
-            llama_grammar = parsed.get(text) if text is not None else None
+        for i, (prompt, llama_grammar) in enumerate(zip(prompts, llama_grammars(grammar, len(prompts)))):
             tokens = prompt_tokens(llm, prompt, bos_token)
             t0 = time.perf_counter()
             out = llm.create_completion(

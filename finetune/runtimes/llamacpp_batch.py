@@ -382,10 +382,10 @@ def generate_llama_cpp_batched(
     """generate_llama_cpp's answers, `parallel` sequences decoded per llama_decode.
 
     n_ctx is each sequence's context (prompt + answer), as generate_llama_cpp's n_ctx; `grammar` is a
-    GBNF text (root rule "root") every answer must follow, or a list of one per prompt. Returns one Generation per prompt, in prompt
-    order: latency_s from the answer's first decode to its last token, batch = the slot it ran in
-    (answers of different slots overlap in time: the call's wall time is not the sum of latencies), and
-    each answer token's log-probability under the raw logits (logprobs).
+    GBNF text (root rule "root") every answer must follow, or a list of one per prompt. Returns one
+    Generation per prompt, in prompt order: latency_s from the answer's first decode to its last token,
+    batch = the slot it ran in (answers of different slots overlap in time: the call's wall time is not the
+    sum of latencies), and each answer token's log-probability under the raw logits (logprobs).
     """
     if not prompts:
         return []

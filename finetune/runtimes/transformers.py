@@ -38,10 +38,11 @@ def generate_transformers(
 
     `grammar`: a GBNF grammar (finetune.tasks.grammar.gbnf_grammar) every answer must match, or a list of
     one per prompt, enforced through llguidance; the same grammar llama.cpp's generate_llama_cpp takes.
-    `logprobs`: record each answer token's log-probability under the raw scores (Generation.logprobs). `continuous`: greedy answers
-    through finetune.runtimes.transformers_batch, where finished answers leave the batch and waiting prompts
-    take their slots (`batch_size` of them), where the model allows it; otherwise (and when sampling) each
-    batch of `batch_size` prompts is one model.generate call, as long as its longest answer."""
+    `logprobs`: record each answer token's log-probability under the raw scores (Generation.logprobs).
+    `continuous`: greedy answers through finetune.runtimes.transformers_batch, where finished answers leave
+    the batch and waiting prompts take their slots (`batch_size` of them), where the model allows it;
+    otherwise (and when sampling) each batch of `batch_size` prompts is one model.generate call, as long as
+    its longest answer."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 

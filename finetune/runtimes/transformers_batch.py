@@ -221,7 +221,7 @@ def generate_continuous(model: Any, tokenizer: Any, prompts: list[str], order: l
     import torch
 
     matchers = None
-    if grammars is not None and any(g is not None for g in grammars):
+    if lltokenizer is not None:  # generate_transformers made it because some prompt has a grammar
         from finetune.runtimes.constrained import prototypes
 
         matchers = prototypes(lltokenizer, grammars)

@@ -162,7 +162,6 @@ class ExtractionTask(Task):
         self.types = {k: v.get("type") for k, v in properties.items() if isinstance(v, dict) and v.get("type")}
         # Values copied from the input (finetune.tasks.copying): None until learn_from_train decides it.
         self.copy_values: bool | None = cfg.copy_values
-        self.copy_values_given = cfg.copy_values is not None
 
     @property
     def per_input(self) -> bool:
@@ -194,7 +193,7 @@ class ExtractionTask(Task):
         self.learned = {"fields": order, "field_types": learned_types, "fields_from": "task.fields, in the data's key order" if self.fields_given
                 else "the training answers (task.fields empty)", "fields_never_in_training": unseen,
                 "copy_values": self.copy_values, "values_copied_share": round(share, 4),
-                "values_copied_from": "task.copy_values" if self.copy_values_given else
+                "values_copied_from": "task.copy_values" if self.cfg.copy_values is not None else
                 f"the training answers ({counted} with string values; on from {AUTO_SHARE:.0%})"}
         return self.learned
 
