@@ -1,7 +1,8 @@
 """Task quality of what the default run hands a user: headline metric and exact match per model and task.
 
     .venv/bin/python scripts/bench_quality.py [--tasks extraction classification summarization]
-        [--compare qwen2.5-0.5b] [--shots 0 3] [--out outputs/bench_quality] [--rerun] [-- OVERRIDES...]
+        [--compare qwen2.5-0.5b] [--shots 0 3] [--seeds S ...] [--out outputs/bench_quality] [--rerun]
+        [-- OVERRIDES...]
 
 For each task it runs the plain default pipeline (`python -m finetune task=T`, plus OVERRIDES, e.g. the data
 of a custom task), then the comparison model on the same test rows, zero-shot and k-shot (a run directory
@@ -12,12 +13,21 @@ machine) and a table; `--markdown` prints the README's Results table.
 
 Every model sees the same test rows and prompt; the specialist is the task's non-LLM baseline trained on
 the train split (extraction also lists usaddress's parser, trained on these very rows: an upper bound).
+
+One training run is one draw: two runs that differ only in the training seed (`method.seed`: the order of the
+rows) can differ by several points of field F1 on the same rows (docs/training.md, "Run-to-run noise").
+`--seeds 42 1 2` trains the default once per seed (run directories `default-seed<S>`; the test split has its
+own seed, `task.data.split_seed`, so every run answers the same rows) and prints each model's mean, standard
+deviation and range over the seeds; the comparison model is not trained and answers once. To tell two recipes
+apart, run both with the same seeds (a second `--out`, the recipe among the OVERRIDES) and compare the means
+against the spreads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -75,14 +85,36 @@ def rows_of(task: str, run_dir: Path, label: str, wall: float | None) -> list[di
     return rows
 
 
+def over_seeds(runs: list[list[dict]], seeds: list[int]) -> list[dict]:
+    """One row per model: the mean of its value and exact match over the seeds' runs, with their spread."""
+    rows = []
+    for first in runs[0]:
+        same = [next((r for r in run if r["model"] == first["model"]), None) for run in runs]
+        values = [r["value"] for r in same if r and r["value"] is not None and not r["error"]]
+        exact = [r["exact"] for r in same if r and isinstance(r.get("exact"), float) and not r["error"]]
+        if not values:
+            rows.append({**first, "value": None, "seeds": seeds})
+            continue
+        rows.append({**first, "value": round(statistics.mean(values), 4), "exact": round(statistics.mean(exact), 4)
+                     if exact else None, "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                     "min": min(values), "max": max(values), "values": values, "seeds": seeds,
+                     "error": None if len(values) == len(runs) else f"{len(runs) - len(values)} run(s) without a value"})
+    return rows
+
+
 def bench_task(task: str, a: argparse.Namespace) -> list[dict]:
     out = a.out / task
-    default = out / "default"
-    wall = None
-    if a.rerun or not (default / "metrics.json").is_file():
-        wall = run_finetune(default, [f"task={task}", *a.overrides])
-    rows = rows_of(task, default, "", wall)
-    seconds = stage_seconds(default)
+    runs, seconds, walls = [], {}, []
+    for seed in a.seeds or [None]:
+        run_dir = out / ("default" if seed is None else f"default-seed{seed}")
+        wall = None
+        if a.rerun or not (run_dir / "metrics.json").is_file():
+            seeded = [] if seed is None else [f"method.seed={seed}"]
+            wall = run_finetune(run_dir, [f"task={task}", *a.overrides, *seeded])
+        runs.append(rows_of(task, run_dir, "", wall))
+        seconds[run_dir.name] = stage_seconds(run_dir)
+        walls.append(wall or sum(seconds[run_dir.name].values()))
+    rows = over_seeds(runs, a.seeds) if a.seeds else runs[0]
     finetuned = next((r["value"] for r in rows if r["model"] == "finetuned"), None)
     for shots in a.shots if a.compare else []:
         run_dir = out / f"compare-{shots}shot"
@@ -94,8 +126,9 @@ def bench_task(task: str, a: argparse.Namespace) -> list[dict]:
     for r in rows:
         if finetuned is not None and r["value"] is not None and r["model"].startswith("gguf-"):
             r["kept_of_finetuned"] = round(r["value"] / finetuned, 4) if finetuned else None
-    _bench.emit({"task": task, "machine": machine_kind(), "stage_seconds": seconds,
-                 "run_seconds": wall or sum(seconds.values()), "rows": rows})
+    _bench.emit({"task": task, "machine": machine_kind(), "seeds": a.seeds or None,
+                 "stage_seconds": seconds if a.seeds else seconds["default"],
+                 "run_seconds": walls if a.seeds else walls[0], "rows": rows})
     return rows
 
 
@@ -115,6 +148,8 @@ def main() -> None:
     p.add_argument("--compare", nargs="*", default=["qwen2.5-0.5b"], help="registry models, zero/few-shot")
     p.add_argument("--shots", nargs="+", type=int, default=[0, 3])
     p.add_argument("--out", type=Path, default=_bench.ROOT / "outputs" / "bench_quality")
+    p.add_argument("--seeds", nargs="+", type=int, default=[],
+                   help="train once per seed (method.seed); print each model's mean and spread over them")
     p.add_argument("--rerun", action="store_true", help="run again even where metrics.json exists")
     p.add_argument("--markdown", action="store_true", help="also print the README Results table")
     p.add_argument("overrides", nargs="*", help="overrides for every run (after --), e.g. task.data.path=...")
@@ -122,8 +157,9 @@ def main() -> None:
     a.out = a.out.resolve()
     print(f"machine: {machine_kind()}", flush=True)
     rows = [r for task in a.tasks for r in bench_task(task, a)]
-    print(_bench.table(rows, ["task", "model", "metric", "value", "exact", "kept_of_finetuned", "n", "runtime",
-                              "error"]))
+    spread = ["sd", "min", "max"] if a.seeds else []
+    print(_bench.table(rows, ["task", "model", "metric", "value", *spread, "exact", "kept_of_finetuned", "n",
+                              "runtime", "error"]))
     if a.markdown:
         print(markdown(rows))
 

@@ -29,6 +29,8 @@ def test_base_answers_are_reused_only_when_nothing_changed(tmp_path, monkeypatch
     second, again = base_entry(cfg)
     assert second.get("cached") is True and again == answers
     assert second["field_f1"] == first["field_f1"]
+    cfg.method.seed = 7  # another training seed: greedy answers do not depend on it (bench_quality.py --seeds)
+    assert base_entry(cfg)[0].get("cached") is True
 
     # Any change to what the answers depend on is a new key: here the decoding length and the grammar.
     cfg.task.max_new_tokens = 10

@@ -19,7 +19,6 @@ A failing artifact or comparison model is recorded with its error and the rest g
 from __future__ import annotations
 
 import fnmatch
-import dataclasses
 import functools
 import gc
 import logging
@@ -176,7 +175,7 @@ class Session:
             if cache_dir and self.cfg.evaluate.cache:
                 key = answers_key(cache_dir, {
                     "prompts": prompts, "stop_tokens": list(model_cfg.stop_tokens), "grammar": grammar,
-                    "sampling": dataclasses.asdict(self.sampling), "batch_size": batch_size, "dtype": str(self.dtype),
+                    "sampling": self.sampling.decides_answers(), "batch_size": batch_size, "dtype": str(self.dtype),
                     "device": self.device, "threads": torch.get_num_threads()})
             outputs = load_answers(key)
             cached = outputs is not None

@@ -6,7 +6,7 @@ end-of-turn tokens and count only the tokens generated before the stop, so token
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence, Union
 
 # What a runtime decodes under: one GBNF grammar for every prompt, one per prompt, or None (free text).
@@ -47,6 +47,13 @@ class Sampling:
     def greedy(self) -> bool:
         """Argmax decoding: no sampling, or sampling at temperature 0 (llama.cpp's greedy sampler)."""
         return not self.do_sample or self.temperature == 0.0
+
+    def decides_answers(self) -> dict:
+        """The settings the answers depend on: under greedy decoding the length only (temperature, top_p and the
+        seed change nothing), so runs that differ in method.seed share cached base-model answers."""
+        if self.greedy:
+            return {"max_new_tokens": self.max_new_tokens, "greedy": True}
+        return asdict(self)
 
 
 def adds_bos(bos_token: str | None, prompt: str) -> bool:
