@@ -95,10 +95,12 @@ def over_seeds(runs: list[list[dict]], seeds: list[int]) -> list[dict]:
         if not values:
             rows.append({**first, "value": None, "seeds": seeds})
             continue
+        counts = sorted({r["n"] for r in same if r})
+        error = (f"scored on different row counts {counts}" if len(counts) > 1 else
+                 None if len(values) == len(runs) else f"{len(runs) - len(values)} run(s) without a value")
         rows.append({**first, "value": round(statistics.mean(values), 4), "exact": round(statistics.mean(exact), 4)
                      if exact else None, "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-                     "min": min(values), "max": max(values), "values": values, "seeds": seeds,
-                     "error": None if len(values) == len(runs) else f"{len(runs) - len(values)} run(s) without a value"})
+                     "min": min(values), "max": max(values), "values": values, "seeds": seeds, "error": error})
     return rows
 
 
