@@ -30,6 +30,7 @@ from finetune.models.loading import load_model, load_tokenizer, render_prompt
 from finetune.route.curves import ALWAYS
 from finetune.route.serve import Router
 from finetune.route.stage import route
+from finetune.runtimes.cpu_kernels import server_env
 from finetune.runtimes.generation import Sampling
 from finetune.runtimes.llamacpp import open_gguf, prompt_tokens
 from finetune.runtimes.llamacpp_batch import generate_llama_cpp_batched
@@ -69,7 +70,7 @@ def strong_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(packaged_gguf_path(cfg.model)), "--host",
          "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--model_alias", STRONG_ALIAS],
-        stdout=log.open("w"), stderr=subprocess.STDOUT)
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=server_env())
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, log)
         yield f"http://127.0.0.1:{port}/v1"

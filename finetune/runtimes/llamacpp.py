@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from finetune.core.errors import ExportError
 from finetune.core.hardware import cpu_threads
+from finetune.runtimes.cpu_kernels import load_cpu_kernels
 from finetune.runtimes.generation import Generation, Grammars, Sampling, adds_bos, per_prompt
 
 
@@ -46,6 +47,7 @@ def open_gguf(path: Path, n_ctx: int = 2048, n_threads: int | None = None, vocab
     """A llama_cpp.Llama on `path` (threads: all cores unless given), closed on exit."""
     from llama_cpp import Llama
 
+    load_cpu_kernels()
     try:
         # A vocabulary-only load still makes llama.cpp warn about the (absent) training context.
         with native_output() if vocab_only else contextlib.nullcontext():
