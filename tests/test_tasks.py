@@ -3,6 +3,9 @@ specialist baselines on the real bundled test splits."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from finetune.core.config import compose
@@ -147,11 +150,30 @@ def test_extraction_learns_value_types_so_the_constraint_admits_lists_of_spans()
     ([["c"], ["a", "b"], ["b", "c"]], ["a", "b", "c"]),                    # first seen is not first in order
     ([["a", "b"], ["a", "b"], ["b", "a"]], ["a", "b"]),                    # disagreement: the majority
     ([["x"], ["y"]], ["x", "y"]),                                           # never together: first seen
+    ([["a", "e", "c", "d"], ["d", "b", "a", "e"]], ["b", "a", "e", "c", "d"]),  # a cycle: fewest pairs broken (3)
 ])
 def test_key_order_agrees_with_the_answers(answers, order):
     from finetune.tasks.extraction import key_order
 
     assert key_order([dict.fromkeys(keys, "v") for keys in answers]) == order
+
+
+def test_key_order_of_the_bundled_addresses_follows_how_an_address_reads():
+    """The bundled answers list their labels in reading order; one order for all of them must keep most
+    answers as they read (the answer grammar allows only that order), e.g. a street's direction before its name."""
+    from finetune.tasks.extraction import key_order
+
+    root = Path(__file__).resolve().parents[1]
+    answers = [json.loads(x)["output"] for x in (root / "data/extraction/addresses.jsonl").read_text().splitlines() if x]
+    order = key_order(answers)
+    rank = {k: i for i, k in enumerate(order)}
+    out_of_order = sum(list(a) != sorted(a, key=rank.get) for a in answers)
+    assert out_of_order <= 0.12 * len(answers), (out_of_order, order)
+    for first, then in [("AddressNumber", "StreetNamePreDirectional"), ("StreetNamePreDirectional", "StreetName"),
+                        ("StreetNamePreType", "StreetName"), ("StreetName", "StreetNamePostType"),
+                        ("USPSBoxType", "USPSBoxID"), ("USPSBoxID", "PlaceName"), ("PlaceName", "StateName"),
+                        ("StateName", "ZipCode"), ("Recipient", "AddressNumber")]:
+        assert rank[first] < rank[then], (first, then, order)
 
 
 # ---- classification -------------------------------------------------------------------------
