@@ -4,7 +4,6 @@ specialist baselines on the real bundled test splits."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -158,12 +157,11 @@ def test_key_order_agrees_with_the_answers(answers, order):
     assert key_order([dict.fromkeys(keys, "v") for keys in answers]) == order
 
 
-def test_key_order_of_the_bundled_addresses_follows_how_an_address_reads():
+def test_key_order_of_the_bundled_addresses_follows_how_an_address_reads(root):
     """The bundled answers list their labels in reading order; one order for all of them must keep most
     answers as they read (the answer grammar allows only that order), e.g. a street's direction before its name."""
     from finetune.tasks.extraction import key_order
 
-    root = Path(__file__).resolve().parents[1]
     answers = [json.loads(x)["output"] for x in (root / "data/extraction/addresses.jsonl").read_text().splitlines() if x]
     order = key_order(answers)
     rank = {k: i for i, k in enumerate(order)}
