@@ -306,6 +306,27 @@ def test_lora_and_full_fine_tuning(tmp_path, method):
 
 
 @pytest.mark.slow
+def test_full_fine_tuning_with_the_embedding_frozen(tmp_path, caplog):
+    """method.train_embeddings=false: the saved model's embedding (and SmolLM2's head, tied to it) is the base's,
+    every other weight trained."""
+    from safetensors.torch import load_file
+
+    from finetune.models.loading import load_model
+
+    cfg, run = tiny_run(tmp_path, ["method=full", "method.max_steps=2", "method.precision=fp32",
+                                   "method.train_embeddings=false", "method.eval_steps=0"])
+    with caplog.at_level("INFO", logger="finetune"):
+        train(cfg, run)
+    assert any("embedding frozen (28,311,552 parameters, the output head tied to it)" in r.getMessage()
+               for r in caplog.records)
+    trained = load_file(str(run.adapter_dir / "model.safetensors"))
+    base = load_model(cfg.model).state_dict()
+    assert torch.equal(trained["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    changed = [n for n, w in trained.items() if n != "model.embed_tokens.weight" and not torch.equal(w, base[n])]
+    assert len(changed) == len(trained) - 1
+
+
+@pytest.mark.slow
 def test_forced_bf16_autocast_trains_on_any_cpu(tmp_path):
     """The path users with AVX512-BF16 CPUs get by default (precision=auto), run on every CPU: bf16 autocast,
     LoRA weights kept fp32, a finite loss and adapter."""

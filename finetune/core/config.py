@@ -170,11 +170,11 @@ class MethodConfig:
     warmup_ratio: float = 0.03  # of the planned steps, rounded down (short runs: none, never a step at lr 0)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # torch's fused AdamW (transformers' own default with torch >= 2.8): on a CPU the unfused one loops over
-    # the tensors, 0.66 s per step of SmolLM2-135M full fine-tuning vs 0.10 s fused (docs/training.md)
+    # torch's fused AdamW (transformers' default for torch >= 2.8): 0.10 s/step vs 0.66 unfused (docs/training.md)
     optim: str = "adamw_torch_fused"
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
+    train_embeddings: bool = True  # full, false: the embedding (and a head tied to it) frozen (docs/training.md)
     # On a CPU, with max_steps=-1: train for this many minutes (the steps that fit, timed on the first steps,
     # schedule fitted to them; never more than `epochs` allow). None: whole epochs. A GPU trains whole epochs.
     budget_minutes: Optional[float] = None

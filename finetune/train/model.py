@@ -56,6 +56,17 @@ def keep_4bit_layout_for_training(model: Any) -> int:
     return len(layers)
 
 
+def freeze_embeddings(model: Any) -> int:
+    """Stop training the input embedding, and with it the output head where the two share one matrix (SmolLM2,
+    Qwen2.5 0.5B, Gemma, Llama 3.2): no dense vocabulary-sized gradient to fill and sum, no head weight gradient,
+    no Adam state for it. Returns the parameters frozen."""
+    weight = model.get_input_embeddings().weight
+    weight.requires_grad_(False)
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is weight
+    log.info("embedding frozen (%s parameters%s)", f"{weight.numel():,}", ", the output head tied to it" if tied else "")
+    return weight.numel()
+
+
 def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
     """The base model (4-bit for qlora) and the PEFT LoraConfig (None for method=full)."""
     import torch
@@ -98,6 +109,8 @@ def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
         dtype = dtype_4bit if (name == "lora" and device == "cuda") else torch.float32
         model = load_model(cfg.model, dtype=dtype, device_map=device_map)
     if name == "full":
+        if not method.train_embeddings:
+            freeze_embeddings(model)
         return model, None
     targets = list(cfg.model.lora_target_modules)
     peft_config = LoraConfig(
