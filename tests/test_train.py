@@ -194,6 +194,73 @@ def test_lm_head_scores_only_completion_positions_with_the_same_loss(tmp_path, m
     assert ours == pytest.approx(plain, rel=1e-5)
 
 
+@pytest.mark.parametrize("softcap, scale, temperature, with_bias", [(None, 1.0, 1.0, False), (30.0, 0.5, 0.7, True)])
+def test_dense_lm_head_gives_what_trls_tiles_give(softcap, scale, temperature, with_bias):
+    """On a CPU our trainer projects the completion positions in one piece (trl_hooks.dense_log_probs) instead of
+    through TRL's vocabulary tiles: same five outputs, same gradients of the log-probabilities."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from finetune.train.trl_hooks import dense_log_probs
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(37, 24), torch.randn(1000, 24) * 0.3  # TRL's tiles compute in fp32
+    bias = torch.randn(1000) if with_bias else None
+    targets = torch.randint(0, 1000, (37,))
+    weight[targets[0]] = weight[targets[0] - 1]  # a tie for the first row: the first maximum is the top-1
+    if bias is not None:
+        bias[targets[0]] = bias[targets[0] - 1]
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    results, grads = [], []
+    for fn in (lambda *a: ChunkedLogProbFunction.apply(*a[:5], 300, *a[5:]), dense_log_probs):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fn(h, w, bias, targets, temperature, softcap, scale, outputs)
+        (out[0] * torch.linspace(0.5, 1.5, 37)).sum().backward()
+        results.append(out)
+        grads.append((h.grad, w.grad))
+    for name, tiled, dense in zip(outputs, *results):
+        if name == "is_top1":
+            assert torch.equal(tiled, dense) and not dense[0]
+        else:
+            torch.testing.assert_close(dense, tiled, rtol=1e-5, atol=1e-5, msg=name)
+    for tiled, dense in zip(*grads):
+        assert (dense - tiled).norm() <= 1e-5 * tiled.norm()
+
+
+@pytest.mark.slow
+def test_dense_lm_head_is_what_the_cpu_trainer_uses_with_the_same_loss_and_gradients(tmp_path, monkeypatch):
+    """A full fine-tuning batch of the packaged SmolLM2: the trainer's loss, gradients and logged metrics are TRL's
+    tiled ones, and the tiles are not what ran."""
+    import finetune.train.trl_hooks as hooks
+
+    cfg, run = tiny_run(tmp_path, ["method=full", "method.precision=fp32", "method.batch_size=3",
+                                   "method.train_embeddings=true"])  # the head's weight gradient compared too
+    trainer, _ = build_trainer(cfg, run)
+    batch = next(iter(trainer.get_train_dataloader()))
+    dense_calls = []
+    dense = hooks.dense_log_probs
+    monkeypatch.setattr(hooks, "dense_log_probs", lambda *a: (dense_calls.append(a[0].shape[0]), dense(*a))[1])
+    model = trainer.model.train()
+    runs = []
+    for limit in (hooks.DENSE_MAX_ELEMENTS, 0):  # ours, then TRL's tiles
+        monkeypatch.setattr(hooks, "DENSE_MAX_ELEMENTS", limit)
+        model.zero_grad(set_to_none=True)
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        runs.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()},
+                     {k: list(v) for k, v in trainer._metrics["train"].items()}))
+    assert dense_calls == [int((batch["labels"][:, 1:] != -100).sum())]
+    (ours, ours_grads, ours_logged), (tiled, tiled_grads, tiled_logged) = runs
+    assert ours == pytest.approx(tiled, rel=1e-5)
+    # fp32 sums in another order (one 49k-wide product against 32k + 16k tiles): ~1e-4 apart after 30 layers
+    for name, grad in ours_grads.items():
+        assert (grad - tiled_grads[name]).norm() <= 1e-3 * tiled_grads[name].norm() + 1e-9, name
+    difference = sum(float((g - tiled_grads[n]).norm() ** 2) for n, g in ours_grads.items()) ** 0.5
+    assert difference <= 1e-4 * sum(float(g.norm() ** 2) for g in tiled_grads.values()) ** 0.5
+    for key in ("entropy", "mean_token_accuracy"):
+        assert ours_logged[key] == pytest.approx(tiled_logged[key], rel=1e-4), key
+
+
 def test_rows_are_adapted_to_a_family_without_system_role(tmp_path):
     run = RunDir(tmp_path)
     write_data(run, 3, 1)

@@ -8,36 +8,90 @@ completion tokens ~37% of the real ones (docs/training.md). The loss and the log
 either way (masked positions are zeroed, tested to 1e-5); only our trainer turns it on (a thread-local flag
 around compute_loss), so a plain SFTTrainer in the same process (scripts/bench_train.py's baseline) keeps
 TRL's behaviour. If TRL stops deciding this through trl.trainer.utils._use_triton, nothing is patched.
+
+On a CPU our trainer also projects those positions in one piece rather than through TRL's vocabulary tiles
+(`dense_log_probs`): the tiles exist to keep the [tokens, vocabulary] logits out of GPU memory, and off a GPU
+they cost a second projection in the backward, a zero-filled 49k x 576 weight gradient that the tiles then add
+into, and ~10 elementwise passes over each tile in torch (TRL's Triton kernels do those on a GPU). A few hundred
+completion tokens' logits are ~45 MB; above DENSE_MAX_ELEMENTS (tokens x vocabulary) TRL's tiles are used.
+Same log-probabilities, entropy and top-1 (tested against TRL's function); docs/training.md has the speed.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import Any, Callable
 
 log = logging.getLogger("finetune")
 
 _COMPACT = threading.local()
+DENSE_MAX_ELEMENTS = 1 << 26  # completion tokens x vocabulary: 256 MB of fp32 logits
 
 
-def _install_compact_lm_head() -> bool:
-    """Wrap TRL's device test so that it says "compact" while our trainer computes a loss; False (and
-    nothing changed) if TRL has no such test any more."""
+def _patch_trl_utils(name: str, replace: Callable[[Any], Any]) -> bool:
+    """Swap trl.trainer.utils.<name> for replace(original), once per process; False (and nothing changed) if TRL
+    no longer has it, so the LM head is then computed as TRL decides."""
     import trl.trainer.utils as trl_utils
 
-    if getattr(trl_utils, "_finetune_compact_lm_head", False):
+    marker = f"_finetune_replaced_{name}"
+    if getattr(trl_utils, marker, False):
         return True
-    original = getattr(trl_utils, "_use_triton", None)
+    original = getattr(trl_utils, name, None)
     if original is None:
-        log.debug("trl.trainer.utils._use_triton is gone: LM head scored as TRL decides")
+        log.debug("trl.trainer.utils.%s is gone: LM head as TRL computes it", name)
         return False
-
-    def use_compact(device) -> bool:
-        return original(device) or getattr(_COMPACT, "on", False)
-
-    trl_utils._use_triton = use_compact
-    trl_utils._finetune_compact_lm_head = True
+    setattr(trl_utils, name, replace(original))
+    setattr(trl_utils, marker, True)
     return True
+
+
+def _compact_while_we_train(use_triton: Callable) -> Callable:
+    """TRL's device test, saying "compact" while our trainer computes a loss."""
+    return lambda device: use_triton(device) or getattr(_COMPACT, "on", False)
+
+
+def dense_log_probs(hidden, weight, bias, targets, temperature: float = 1.0, softcap: float | None = None,
+                    logit_scale: float = 1.0, outputs: tuple[str, ...] = ("log_probs",)) -> tuple:
+    """What TRL's ChunkedLogProbFunction returns (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1; None
+    where not in `outputs`), from one projection of all rows through the head. Only the log-probabilities carry
+    gradients: the other fields are logged, never trained on (TRL's SFTTrainer detaches them)."""
+    import torch
+    import torch.nn.functional as F
+
+    z = F.linear(hidden, weight, bias).float()  # under autocast the product is bf16, the softmax fp32 (as TRL's)
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if temperature != 1.0:
+        z = z / temperature
+    log_p = z.log_softmax(-1)
+    log_probs = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        detached = log_p.detach()
+        entropy = -(detached.exp() * detached).sum(-1) if "entropy" in outputs else None
+        log_sum_sq = torch.logsumexp(2 * detached, -1) if "log_sum_sq_probs" in outputs else None
+        mean_logits = z.detach().mean(-1) if "mean_logits" in outputs else None
+        is_top1 = z.detach().argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
+    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+
+def _dense_on_cpu(chunked: Any) -> Any:
+    """TRL's LM-head function, computed by dense_log_probs while our trainer computes a loss on a CPU (module
+    docstring)."""
+
+    class DenseOnCpu:
+        original = chunked
+
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, *rest):
+            if (getattr(_COMPACT, "on", False) and hidden.device.type == "cpu"
+                    and hidden.shape[0] * weight.shape[0] <= DENSE_MAX_ELEMENTS):
+                return dense_log_probs(hidden, weight, bias, targets, temperature, *rest)
+            return chunked.apply(hidden, weight, bias, targets, temperature, chunk_size, *rest)
+
+    return DenseOnCpu
 
 
 def trainer_class() -> type:
@@ -46,7 +100,8 @@ def trainer_class() -> type:
 
     global _TRAINER
     if _TRAINER is None:
-        _install_compact_lm_head()
+        _patch_trl_utils("_use_triton", _compact_while_we_train)
+        _patch_trl_utils("_ChunkedLogProbFunction", _dense_on_cpu)
 
         class FinetuneSFTTrainer(SFTTrainer):
             validation_scorer = None  # finetune.train.selection.ValidationScorer (method.metric_examples > 0)
