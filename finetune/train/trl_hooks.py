@@ -69,11 +69,10 @@ def dense_log_probs(hidden, weight, bias, targets, temperature: float = 1.0, sof
     log_p = z.log_softmax(-1)
     log_probs = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        detached = log_p.detach()
-        entropy = -(detached.exp() * detached).sum(-1) if "entropy" in outputs else None
-        log_sum_sq = torch.logsumexp(2 * detached, -1) if "log_sum_sq_probs" in outputs else None
-        mean_logits = z.detach().mean(-1) if "mean_logits" in outputs else None
-        is_top1 = z.detach().argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL
+        entropy = -(log_p.exp() * log_p).sum(-1) if "entropy" in outputs else None
+        log_sum_sq = torch.logsumexp(2 * log_p, -1) if "log_sum_sq_probs" in outputs else None
+        mean_logits = z.mean(-1) if "mean_logits" in outputs else None
+        is_top1 = z.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL's
     return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
 
@@ -82,8 +81,6 @@ def _dense_on_cpu(chunked: Any) -> Any:
     docstring)."""
 
     class DenseOnCpu:
-        original = chunked
-
         @staticmethod
         def apply(hidden, weight, bias, targets, temperature, chunk_size, *rest):
             if (getattr(_COMPACT, "on", False) and hidden.device.type == "cpu"
