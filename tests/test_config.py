@@ -68,6 +68,22 @@ def test_the_default_budget_follows_the_cpu_kind(monkeypatch, method):
         assert compose([f"method={method}", "method.budget_minutes=7.5"]).method.budget_minutes == 7.5
 
 
+def test_full_fine_tuning_freezes_the_lower_half_only_where_it_trains_on_the_cpu(monkeypatch):
+    """On a CPU (sized by minutes) method=full keeps the embedding and the first half of the decoder layers frozen,
+    which buys ~1.6x the steps (docs/training.md); on a GPU (whole epochs) every weight trains. An explicit value
+    wins on either."""
+    import torch
+
+    cpu = compose(["device=cpu"]).method
+    assert (cpu.train_embeddings, cpu.frozen_layers) == (False, 0.5)
+    gpu = compose(["device=cuda"]).method
+    assert (gpu.train_embeddings, gpu.frozen_layers) == (True, 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # device=auto on a machine with CUDA
+    assert compose([]).method.frozen_layers == 0
+    assert compose(["device=cuda", "method.frozen_layers=4"]).method.frozen_layers == 4
+    assert compose(["device=cpu", "method.frozen_layers=0", "method.train_embeddings=true"]).method.frozen_layers == 0
+
+
 def test_validation_rows_are_scored_only_where_something_reads_them():
     """A plain run scores no validation rows after training (the evaluate stage measures the model); a
     search's trial and best_by=task score 32 unless method.metric_examples says otherwise."""

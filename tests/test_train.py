@@ -137,7 +137,8 @@ def test_shared_prefix_batch_has_the_loss_and_gradients_of_its_rows(tmp_path):
     padding-free batch of the same rows under transformers' own sdpa attention."""
     from finetune.train.shared_prefix import ATTENTION, SharedPrefixCollator
 
-    cfg, run = tiny_run(tmp_path, ["method=full", "method.batch_size=3", "method.precision=fp32"])
+    cfg, run = tiny_run(tmp_path, ["method=full", "method.batch_size=3", "method.precision=fp32",
+                                   "method.train_embeddings=true", "method.frozen_layers=0"])  # every gradient
     assert cfg.method.share_prefix and cfg.method.padding_free
     trainer, _ = build_trainer(cfg, run)
     collator = trainer.data_collator
@@ -233,7 +234,7 @@ def test_dense_lm_head_is_what_the_cpu_trainer_uses_with_the_same_loss_and_gradi
     import finetune.train.trl_hooks as hooks
 
     cfg, run = tiny_run(tmp_path, ["method=full", "method.precision=fp32", "method.batch_size=3",
-                                   "method.train_embeddings=true"])  # the head's weight gradient compared too
+                                   "method.train_embeddings=true", "method.frozen_layers=0"])  # every gradient
     trainer, _ = build_trainer(cfg, run)
     batch = next(iter(trainer.get_train_dataloader()))
     dense_calls = []
@@ -373,24 +374,43 @@ def test_lora_and_full_fine_tuning(tmp_path, method):
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_with_the_embedding_frozen(tmp_path, caplog):
-    """method.train_embeddings=false: the saved model's embedding (and SmolLM2's head, tied to it) is the base's,
-    every other weight trained."""
+def test_full_fine_tuning_with_the_embedding_and_the_first_layers_frozen(tmp_path, caplog):
+    """method.train_embeddings=false method.frozen_layers=2: the saved model's embedding (and SmolLM2's head, tied
+    to it) and decoder layers 0-1 are the base's, every other weight trained."""
     from safetensors.torch import load_file
 
     from finetune.models.loading import load_model
 
     cfg, run = tiny_run(tmp_path, ["method=full", "method.max_steps=2", "method.precision=fp32",
-                                   "method.train_embeddings=false", "method.eval_steps=0"])
+                                   "method.train_embeddings=false", "method.frozen_layers=2", "method.eval_steps=0"])
     with caplog.at_level("INFO", logger="finetune"):
         train(cfg, run)
-    assert any("embedding frozen (28,311,552 parameters, the output head tied to it)" in r.getMessage()
-               for r in caplog.records)
+    logged = [r.getMessage() for r in caplog.records]
+    assert "embedding frozen (28,311,552 parameters, the output head tied to it)" in logged
+    assert "decoder layers 0-1 of 30 frozen (7,080,192 parameters)" in logged
     trained = load_file(str(run.adapter_dir / "model.safetensors"))
     base = load_model(cfg.model).state_dict()
-    assert torch.equal(trained["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    changed = [n for n, w in trained.items() if n != "model.embed_tokens.weight" and not torch.equal(w, base[n])]
-    assert len(changed) == len(trained) - 1
+    frozen = {n for n in trained if n == "model.embed_tokens.weight" or n.startswith(("model.layers.0.", "model.layers.1."))}
+    assert len(frozen) == 1 + 2 * 9  # 7 projections and 2 norms per layer
+    assert all(torch.equal(trained[n], base[n]) for n in frozen)
+    assert all(not torch.equal(w, base[n]) for n, w in trained.items() if n not in frozen)
+
+
+@pytest.mark.parametrize("n", [-1, 3, 1.5])
+def test_frozen_layers_outside_the_model_is_a_config_error(n):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.core.errors import ConfigError
+    from finetune.train.model import freeze_layers
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ConfigError, match=f"method.frozen_layers={n}: this model has 3 decoder layers"):
+        freeze_layers(model, n)
+    assert freeze_layers(model, 0.5) == sum(p.numel() for p in model.model.layers[0].parameters())  # 1.5, down
+    assert [p.requires_grad for p in model.model.layers[1].parameters()] == [True] * 9
+    assert freeze_layers(model, 2) == sum(p.numel() for p in model.model.layers[:2].parameters())
+    assert [p.requires_grad for p in model.model.layers[2].parameters()] == [True] * 9
 
 
 @pytest.mark.slow

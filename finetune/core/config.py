@@ -175,6 +175,7 @@ class MethodConfig:
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     train_embeddings: bool = True  # full, false: the embedding (and a head tied to it) frozen (docs/training.md)
+    frozen_layers: float = 0  # full: the first layers frozen, a count or a share (0.5: half; docs/training.md)
     # On a CPU, with max_steps=-1: train for this many minutes (the steps that fit, timed on the first steps,
     # schedule fitted to them; never more than `epochs` allow). None: whole epochs. A GPU trains whole epochs.
     budget_minutes: Optional[float] = None
@@ -332,15 +333,11 @@ def register_configs() -> None:
     # ${process_id:} in the default run_dir: two runs started in the same second get different folders.
     if not OmegaConf.has_resolver("process_id"):
         OmegaConf.register_new_resolver("process_id", lambda: str(os.getpid()), use_cache=True)
-    # ${if_cpu_bf16:A,B}: A on a CPU with native bf16 (AVX512-BF16/AMX), else B (the default training budget).
-    if not OmegaConf.has_resolver("if_cpu_bf16"):
-        OmegaConf.register_new_resolver("if_cpu_bf16", if_cpu_bf16)
-
-
-def if_cpu_bf16(native: Any, otherwise: Any) -> Any:
-    """`native` where this CPU computes bf16 natively, else `otherwise`: a default sized by time has to know
-    that fp32 training steps are ~3x slower than bf16 ones (docs/training.md)."""
-    return native if hardware.cpu_supports_bf16() else otherwise
+    # ${if_cpu_bf16:A,B}: A on a CPU with native bf16 (AVX512-BF16/AMX), else B (the default training budget);
+    # ${if_cpu:A,B}: A where the run trains on the CPU (`device`), else B (defaults that buy steps in a budget).
+    for name, resolver in (("if_cpu_bf16", hardware.if_cpu_bf16), ("if_cpu", hardware.if_cpu)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 METRIC_EXAMPLES = 32  # validation rows scored after training where the number is read (method.metric_examples)

@@ -7,7 +7,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def cpu_threads() -> int:
@@ -59,6 +59,23 @@ def cpu_bf16_faster() -> bool:
     """Whether bf16 autocast is the faster choice on this CPU: native bf16 (cpu_supports_bf16) and matmuls
     measured at least BF16_MIN_SPEEDUP times fp32's speed (bf16_matmul_speedup)."""
     return cpu_supports_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+
+
+def if_cpu_bf16(native: Any, otherwise: Any) -> Any:
+    """The config resolver ${if_cpu_bf16:A,B}: A where this CPU computes bf16 natively, else B: a default sized
+    by time has to know that fp32 training steps are ~3x slower than bf16 ones (docs/training.md)."""
+    return native if cpu_supports_bf16() else otherwise
+
+
+def if_cpu(on_cpu: Any, otherwise: Any, *, _root_: Any) -> Any:
+    """The config resolver ${if_cpu:A,B}: A where the run trains on the CPU (`device=cpu`, or `auto` where torch
+    sees no CUDA device), else B."""
+    device = str(_root_.get("device", "auto"))
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return on_cpu if device == "cpu" else otherwise
 
 
 @contextlib.contextmanager

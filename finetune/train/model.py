@@ -67,6 +67,27 @@ def freeze_embeddings(model: Any) -> int:
     return weight.numel()
 
 
+def freeze_layers(model: Any, first: float) -> int:
+    """Stop training the first decoder layers: `first` of them (a count, >= 1) or that share of the model's
+    layers (0 < first < 1, rounded down). With the embedding frozen too nothing below the first trained layer
+    needs a gradient, so the backward pass stops there (a frozen layer costs its forward only, and holds no Adam
+    state); with the embedding trained the backward still runs through them for it. Returns the parameters
+    frozen."""
+    layers = model.get_decoder().layers
+    n = int(first * len(layers)) if 0 < first < 1 else int(first)
+    if n != first and first >= 1 or not 0 <= n < len(layers):
+        raise ConfigError(f"method.frozen_layers={first}: this model has {len(layers)} decoder layers; give a "
+                          f"count from 1 to {len(layers) - 1}, a share between 0 and 1, or 0 to train them all.")
+    frozen = 0
+    for layer in layers[:n]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+    if n:
+        log.info("decoder layers 0-%d of %d frozen (%s parameters)", n - 1, len(layers), f"{frozen:,}")
+    return frozen
+
+
 def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
     """The base model (4-bit for qlora) and the PEFT LoraConfig (None for method=full)."""
     import torch
@@ -111,6 +132,8 @@ def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
     if name == "full":
         if not method.train_embeddings:
             freeze_embeddings(model)
+        if method.frozen_layers:
+            freeze_layers(model, method.frozen_layers)
         return model, None
     targets = list(cfg.model.lora_target_modules)
     peft_config = LoraConfig(
