@@ -67,15 +67,18 @@ def if_cpu_bf16(native: Any, otherwise: Any) -> Any:
     return native if cpu_supports_bf16() else otherwise
 
 
+def auto_device() -> str:
+    """What the config's `device=auto` means: "cuda" where torch sees a CUDA device, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def if_cpu(on_cpu: Any, otherwise: Any, *, _root_: Any) -> Any:
     """The config resolver ${if_cpu:A,B}: A where the run trains on the CPU (`device=cpu`, or `auto` where torch
     sees no CUDA device), else B."""
     device = str(_root_.get("device", "auto"))
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return on_cpu if device == "cpu" else otherwise
+    return on_cpu if (auto_device() if device == "auto" else device) == "cpu" else otherwise
 
 
 @contextlib.contextmanager

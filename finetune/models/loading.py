@@ -15,6 +15,7 @@ from typing import Any
 
 from finetune.core.config import ModelConfig
 from finetune.core.errors import ConfigError, ModelUnavailable
+from finetune.core.hardware import auto_device
 from finetune.models.families import FAMILIES, family
 from finetune.models.gguf_source import (SENTENCEPIECE_FILE, check_package, convert_gguf, installed,
                                          packaged_gguf_path)
@@ -235,7 +236,7 @@ def device_for(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return auto_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but torch sees no CUDA device (is this the CPU build of torch?)")
     return str(device)

@@ -74,8 +74,9 @@ def freeze_layers(model: Any, first: float) -> int:
     state); with the embedding trained the backward still runs through them for it. Returns the parameters
     frozen."""
     layers = model.get_decoder().layers
-    n = int(first * len(layers)) if 0 < first < 1 else int(first)
-    if n != first and first >= 1 or not 0 <= n < len(layers):
+    count = first >= 1
+    n = int(first) if count else int(first * len(layers))
+    if (count and n != first) or not 0 <= n < len(layers):
         raise ConfigError(f"method.frozen_layers={first}: this model has {len(layers)} decoder layers; give a "
                           f"count from 1 to {len(layers) - 1}, a share between 0 and 1, or 0 to train them all.")
     frozen = 0
