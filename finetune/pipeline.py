@@ -40,7 +40,7 @@ from finetune.core.files import write_json_atomic
 from finetune.core.fingerprint import data_sha256, file_sha256, paths_sha256
 from finetune.core.rundir import RunDir
 from finetune.route.strong import strong_kind
-from finetune.export.converter import normalize_quant_type
+from finetune.export.converter import gguf_config_problems
 from finetune.models.families import family
 from finetune.models.loading import check_available
 from finetune.tasks import get_task
@@ -123,11 +123,7 @@ def check_config(cfg: Config, stages: list[Stage] | None = None) -> None:
         except ConfigError as exc:
             problems.append(str(exc))
     if "gguf" in names and cfg.export.gguf is not None:
-        for quant in cfg.export.gguf.quant_types:
-            try:
-                normalize_quant_type(quant)
-            except FinetuneError as exc:
-                problems.append(str(exc))
+        problems += gguf_config_problems(cfg.export.gguf)
     if "gptq" in names and cfg.export.gptq is not None and importlib.util.find_spec("gptqmodel") is None:
         problems.append("export.gptq needs GPTQModel, an optional extra: pip install 'finetune[gptq]' "
                         "(or export=default, which skips GPTQ)")

@@ -146,6 +146,55 @@ def test_low_bit_gguf_is_weighted_by_the_task_activations(family, tmp_path):
     assert np.isfinite(list(errors.values())).all()
 
 
+def test_tensor_type_overrides_change_only_the_tensors_they_name(tmp_path):
+    """export.gguf.tensor_types: llama.cpp's per-tensor overrides (llama-quantize --tensor-type) give every
+    ffn_down of the Q4_K_M file the type asked for, leave its other tensors as llama.cpp's own Q4_K_M has them,
+    and leave the Q8_0 file alone."""
+    import gguf
+
+    from finetune.export.converter import quantize_gguf
+
+    cfg, run = _prepared_run("chatml", tmp_path, ["export.gguf.quant_types=[Q4_K_M,Q8_0]", "export.gguf.keep_f16=true",
+                                                  "+export.gguf.tensor_types={q4_k_m: {ffn_down: q8_0}}"])
+    merge(cfg, run)
+    summary = export_gguf(cfg, run)
+    assert summary["files"]["Q4_K_M"]["tensor_types"] == {"ffn_down": "Q8_0"}
+    assert "tensor_types" not in summary["files"]["Q8_0"]
+    q4, q8, f16 = (run.gguf_path(cfg.model.name, cfg.task.name, q) for q in ("Q4_K_M", "Q8_0", "F16"))
+    plain_q4, plain_q8 = tmp_path / "plain-Q4_K_M.gguf", tmp_path / "plain-Q8_0.gguf"
+    quantize_gguf(f16, plain_q4, "Q4_K_M")
+    quantize_gguf(f16, plain_q8, "Q8_0")
+
+    def types(path):
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+    ours, plain = types(q4), types(plain_q4)
+    ffn_down = [name for name in ours if "ffn_down" in name]
+    assert ffn_down and all(ours[name] == "Q8_0" for name in ffn_down)
+    assert any(plain[name] != "Q8_0" for name in ffn_down)  # the override changed something
+    assert {n: t for n, t in ours.items() if n not in ffn_down} == {n: t for n, t in plain.items() if n not in ffn_down}
+    assert types(q8) == types(plain_q8)
+
+
+def test_tensor_type_overrides_are_checked_before_anything_runs():
+    from types import SimpleNamespace
+
+    from finetune.core.config import compose
+    from finetune.core.errors import ConfigError
+    from finetune.export.converter import gguf_config_problems
+    from finetune.pipeline import STAGES, check_config
+
+    problems = gguf_config_problems(SimpleNamespace(quant_types=["Q4_K_M"], tensor_types={
+        "Q5_K_M": {"ffn_down": "Q6_K"}, "Q4_K_M": {"ffn_down(": "Q6_K", "attn_v": "Q7_K", "ffn_up": "q6_k"}}))
+    assert len(problems) == 3, problems
+    assert "Q5_K_M is not in export.gguf.quant_types" in problems[0]
+    assert "'ffn_down(' is not a regular expression" in problems[1]
+    assert "unknown ggml type 'Q7_K'" in problems[2]
+    with pytest.raises(ConfigError, match="export.gguf.tensor_types.Q4_K_M.ffn_down: unknown ggml type 'Q9'"):
+        check_config(compose(["+export.gguf.tensor_types={Q4_K_M: {ffn_down: Q9}}"]),
+                     [s for s in STAGES if s.name == "gguf"])
+
+
 def test_interrupted_export_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
     import finetune.export.gguf as gguf_stage
 

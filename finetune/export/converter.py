@@ -9,14 +9,17 @@ package and `gguf-py/gguf` into a cache directory, once.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from finetune.core.cache import cache_root, file_lock
 from finetune.core.errors import ExportError
@@ -199,17 +202,52 @@ def normalize_quant_type(name: str) -> str:
     return key
 
 
+def gguf_config_problems(gcfg: Any) -> list[str]:
+    """What is wrong in export.gguf before anything runs: unknown quant types, tensor type overrides of a type
+    not quantized, a regex that does not compile, a ggml type that does not exist."""
+    import gguf
+
+    problems = []
+    for quant in gcfg.quant_types:
+        try:
+            normalize_quant_type(quant)
+        except ExportError as exc:
+            problems.append(str(exc))
+    wanted = {str(q).upper() for q in gcfg.quant_types}
+    for quant, overrides in (gcfg.tensor_types or {}).items():
+        where = f"export.gguf.tensor_types.{quant}"
+        if str(quant).upper() not in wanted:
+            problems.append(f"{where}: {quant} is not in export.gguf.quant_types {list(gcfg.quant_types)}")
+        for pattern, ggml_type in (overrides or {}).items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"{where}: {pattern!r} is not a regular expression ({exc})")
+            if str(ggml_type).upper() not in gguf.GGMLQuantizationType.__members__:
+                problems.append(f"{where}.{pattern}: unknown ggml type {ggml_type!r}; e.g. Q4_K, Q5_K, Q6_K, Q8_0, F16")
+    return problems
+
+
+def tensor_types_for(gcfg: Any, quant: str) -> dict[str, str]:
+    """export.gguf.tensor_types of one quant type (any spelling of its name), types upper-cased."""
+    found = next((v for k, v in (gcfg.tensor_types or {}).items() if str(k).upper() == quant.upper()), None)
+    return {str(pattern): str(t).upper() for pattern, t in (found or {}).items()}
+
+
 def quantize_gguf(src: Path, dst: Path, quant_type: str, n_threads: int | None = None,
-                  imatrix: Path | None = None) -> float:
+                  imatrix: Path | None = None, tensor_types: dict[str, str] | None = None) -> float:
     """llama.cpp's quantizer (llama-cpp-python's binding, in a child process: finetune.export.llama_quantize),
-    with an importance matrix (finetune.export.imatrix) when given; returns seconds."""
+    with an importance matrix (finetune.export.imatrix) and per-tensor type overrides ({tensor-name regex:
+    ggml type}, as `llama-quantize --tensor-type`) when given; returns seconds."""
     ftype = QUANT_TYPES[normalize_quant_type(quant_type)]
     cmd = [sys.executable, "-m", "finetune.export.llama_quantize", str(src), str(dst), ftype,
            str(n_threads or cpu_threads())]
     env = None
     if imatrix is not None:  # the GGUF's tensor names come from the vendored gguf-py, as in the converter
-        cmd.append(str(imatrix))
+        cmd += ["--imatrix", str(imatrix)]
         env = vendored_env(converter_dir())
+    if tensor_types:
+        cmd += ["--tensor-types", json.dumps(tensor_types)]
     start = time.perf_counter()
     proc = run_child(cmd, env=env)
     if proc.returncode != 0 or not dst.is_file():

@@ -22,7 +22,7 @@ from finetune.core.errors import ExportError
 from finetune.core.files import TMP_PREFIX, clean_stale
 from finetune.core.rundir import RunDir
 from finetune.export.checks import check_prompt_tokens, generate, top1_agreement
-from finetune.export.converter import convert_hf_to_gguf, normalize_quant_type, quantize_gguf
+from finetune.export.converter import convert_hf_to_gguf, normalize_quant_type, quantize_gguf, tensor_types_for
 from finetune.export.imatrix import USES_IMATRIX, write_imatrix
 from finetune.export.samples import task_prompt
 from finetune.models.loading import load_tokenizer, render_prompt
@@ -109,8 +109,11 @@ def export_gguf(cfg: Config, run: RunDir) -> dict:
             info: dict[str, Any] = {}
             if quant != "F16":
                 use = imatrix if quant in USES_IMATRIX else None
-                info["quantize_seconds"] = round(quantize_gguf(f16, path, quant, imatrix=use), 1)
+                types = tensor_types_for(gcfg, quant)
+                info["quantize_seconds"] = round(quantize_gguf(f16, path, quant, imatrix=use, tensor_types=types), 1)
                 info["imatrix"] = use is not None
+                if types:
+                    info["tensor_types"] = types
             if cfg.export.verify and quant != "F16":
                 info["check"] = check_gguf(cfg, path, tokenizer, prompt)
             elif cfg.export.verify:

@@ -1,13 +1,16 @@
 """llama.cpp's quantizer on one GGUF, in a child process (finetune.export.converter.quantize_gguf runs it).
 
-    python -m finetune.export.llama_quantize SRC DST LLAMA_FTYPE_NAME THREADS [IMATRIX.npz]   (__main__.py)
+    python -m finetune.export.llama_quantize SRC DST LLAMA_FTYPE_NAME THREADS [--imatrix IMATRIX.npz]
+        [--tensor-types '{"REGEX": "GGML_TYPE", ...}']   (__main__.py)
 
 A child so that Ctrl-C reaches it and us (a Python log callback inside the C call would swallow it), a
 killed run takes it down with it, and llama.cpp's per-tensor log stays out of ours. With an importance
 matrix (finetune.export.imatrix: HF linear-layer name -> mean x^2 per input column), the names are mapped to
 the GGUF's tensor names with the vendored gguf-py (on PYTHONPATH) and handed to llama.cpp as
 `llama_model_quantize_params.imatrix`; the file records it as `llama-quantize --imatrix` does
-(quantize.imatrix.entries_count, quantize.imatrix.dataset).
+(quantize.imatrix.entries_count, quantize.imatrix.dataset). Tensor type overrides go in as
+`llama_model_quantize_params.tt_overrides` (what `llama-quantize --tensor-type` sets): a tensor whose name
+the regex matches is written in that ggml type instead of the one the quant type's own mix gives it.
 """
 
 from __future__ import annotations
@@ -67,16 +70,36 @@ def imatrix_params(src: str, path: str, keep: list) -> tuple[ctypes.Array, ctype
     return entries, kv
 
 
+def tensor_overrides(types: dict[str, str], keep: list) -> ctypes.Array:
+    """The null-terminated tt_overrides array of {regex: ggml type name}."""
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
+    for i, (pattern, name) in enumerate(types.items()):
+        key = pattern.encode()
+        keep.append(key)
+        entries[i].pattern, entries[i].type = key, getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
+    return entries
+
+
 def quantize(argv: list[str]) -> int:
-    """llama_model_quantize's return code for SRC DST LLAMA_FTYPE_NAME THREADS [IMATRIX.npz]."""
+    """llama_model_quantize's return code for SRC DST LLAMA_FTYPE_NAME THREADS [--imatrix PATH]
+    [--tensor-types JSON]."""
+    import json
+
     import llama_cpp
 
     src, dst, ftype, threads = argv[:4]
+    options = dict(zip(argv[4::2], argv[5::2]))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = getattr(llama_cpp, ftype), int(threads)
     keep: list = []
-    if len(argv) > 4:
-        entries, kv = imatrix_params(src, argv[4], keep)
+    if "--imatrix" in options:
+        entries, kv = imatrix_params(src, options["--imatrix"], keep)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    if options.get("--tensor-types"):
+        overrides = tensor_overrides(json.loads(options["--tensor-types"]), keep)
+        keep.append(overrides)
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))

@@ -1,5 +1,5 @@
-"""python -m finetune.export.llama_quantize SRC DST LLAMA_FTYPE_NAME THREADS [IMATRIX.npz]: the quantizer's child
-process (finetune.export.converter.quantize_gguf starts it); exits with llama_model_quantize's return code."""
+"""python -m finetune.export.llama_quantize SRC DST LLAMA_FTYPE_NAME THREADS [--imatrix NPZ] [--tensor-types JSON]:
+the quantizer's child process (finetune.export.converter.quantize_gguf starts it); exits with llama_model_quantize's return code."""
 
 import sys
 
