@@ -71,14 +71,17 @@ def imatrix_params(src: str, path: str, keep: list) -> tuple[ctypes.Array, ctype
 
 
 def tensor_overrides(types: dict[str, str], keep: list) -> ctypes.Array:
-    """The null-terminated tt_overrides array of {regex: ggml type name}."""
+    """The null-terminated tt_overrides array of {regex: ggml type name}. The type ids come from gguf-py's table,
+    the one finetune.export.converter.gguf_config_problems checks the names against (llama-cpp-python has no
+    constant for some of them, BF16 among them; where it has one, the id is the same)."""
+    import gguf
     import llama_cpp
 
     entries = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
     for i, (pattern, name) in enumerate(types.items()):
         key = pattern.encode()
         keep.append(key)
-        entries[i].pattern, entries[i].type = key, getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
+        entries[i].pattern, entries[i].type = key, int(gguf.GGMLQuantizationType[name.upper()])
     return entries
 
 
@@ -100,6 +103,5 @@ def quantize(argv: list[str]) -> int:
         params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     if options.get("--tensor-types"):
         overrides = tensor_overrides(json.loads(options["--tensor-types"]), keep)
-        keep.append(overrides)
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
