@@ -519,42 +519,57 @@ def test_budget_schedule_matches_transformers_schedules():
         assert ours == pytest.approx(theirs, abs=1e-12), name
 
 
-def test_budget_revises_its_decision_as_steps_slow_down_and_evaluations_take_time(tmp_path, monkeypatch):
-    """Steps 2-5 (timed first) run at 1 s, later ones at 1.5 s, and every 10th step adds a 3 s evaluation and
-    every 20th a 2 s save (the trainer's own order: step, evaluation, save; the last step does both): the
-    first decision alone would train ~95 s of a 60 s budget; revised, training ends within a step of it, on
-    the schedule's last step."""
-    from transformers import TrainerControl, TrainerState
+def _budget_run(tmp_path, monkeypatch, step_seconds, minutes=1.0):
+    """TimeBudget driven in the trainer's own order on a fake clock: transformers' DefaultFlowCallback, then the
+    budget, at the end of each step (step i takes step_seconds(i)); every 10th step adds a 3 s evaluation and
+    every 20th a 2 s save (the last step does both). Returns (last step, seconds, schedule factors, record)."""
+    from transformers import DefaultFlowCallback, TrainerControl, TrainerState, TrainingArguments
 
     from finetune.train import budget as budget_module
     from finetune.train.budget import TimeBudget
 
     clock = [1000.0]
     monkeypatch.setattr(budget_module.time, "time", lambda: clock[0])
-    cb = TimeBudget(1.0, "cosine", 0.05, tmp_path / "budget.json")
+    cb, flow = TimeBudget(minutes, "cosine", 0.05, tmp_path / "budget.json"), DefaultFlowCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), logging_steps=1000, eval_strategy="no", save_strategy="no")
     state, control = TrainerState(max_steps=1000), TrainerControl()
-    cb.on_train_begin(None, state, control)
+    cb.on_train_begin(args, state, control)
     factors = []
     for step in range(1, 1001):
-        clock[0] += 1.0 if step <= 5 else 1.5
+        clock[0] += step_seconds(step)
         state.global_step = step
-        cb.on_step_end(None, state, control)
+        flow.on_step_end(args, state, control)
+        cb.on_step_end(args, state, control)
         factors.append(cb.factor(step))
-        last = control.should_training_stop or step >= state.max_steps
+        last = control.should_training_stop
         if step % 10 == 0 or last:
             clock[0] += 3.0
-            cb.on_evaluate(None, state, control)
+            cb.on_evaluate(args, state, control)
         if step % 20 == 0 or last:
             clock[0] += 2.0
-            cb.on_save(None, state, control)
+            cb.on_save(args, state, control)
         if last:
             break
-    elapsed = clock[0] - 1000.0
-    decision = json.loads((tmp_path / "budget.json").read_text())
+    return step, clock[0] - 1000.0, factors, json.loads((tmp_path / "budget.json").read_text())
+
+
+def test_budget_revises_its_decision_as_steps_slow_down_and_evaluations_take_time(tmp_path, monkeypatch):
+    """Steps 2-5 (timed first) run at 1 s, later ones at 1.5 s: the first decision alone would train ~95 s of a
+    60 s budget; revised, training ends within a step of it, on the schedule's last step."""
+    step, elapsed, factors, decision = _budget_run(tmp_path, monkeypatch, lambda i: 1.0 if i <= 5 else 1.5)
     assert decision["first_decision"]["steps"] == 60  # 55 s left at 1 s per step: ~95 s had it stood
     assert step == decision["steps"] < 45 and 60 - 1.5 <= elapsed <= 60 + 1.5
     assert factors[-1] == 0.0  # the cosine ends on the last step trained, not cut mid-way
     assert max(b - a for a, b in zip(factors[5:], factors[6:])) <= 0.02  # revisions move it smoothly: no jump up
+
+
+@pytest.mark.parametrize("late", [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4])
+def test_budget_run_ends_on_its_decided_step_when_steps_speed_up(tmp_path, monkeypatch, late):
+    """Timed steps at 1.5 s, later ones faster: revisions move the end later, and one made on the decided last
+    step must not (transformers has already stopped training there; CI once saw 20 steps trained, 21 recorded)."""
+    step, elapsed, factors, decision = _budget_run(tmp_path, monkeypatch, lambda i: 1.5 if i <= 5 else late, 0.5)
+    assert step == decision["steps"] and factors[-1] == 0.0
+    assert elapsed <= 30 + 5 + late  # within a step and the last evaluation and save (not kept back before the first)
 
 
 @pytest.mark.slow

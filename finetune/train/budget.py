@@ -105,6 +105,8 @@ class TimeBudget(TrainerCallback):
             return
         if self.t_first is None or step < self.skip + self.timed:
             return
+        if self.steps is not None and step >= self.steps:  # the decided last step is final: transformers'
+            return  # DefaultFlowCallback, which runs first, has already stopped training on it
         if self.steps is not None and (step - self.skip - self.timed) % self.every:
             return
         per_step = _slowest((now - self.t_first) / (step - self.skip))
