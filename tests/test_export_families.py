@@ -155,7 +155,7 @@ def test_tensor_type_overrides_change_only_the_tensors_they_name(tmp_path):
     from finetune.export.converter import quantize_gguf
 
     cfg, run = _prepared_run("chatml", tmp_path, ["export.gguf.quant_types=[Q4_K_M,Q8_0]", "export.gguf.keep_f16=true",
-                                                  "+export.gguf.tensor_types={q4_k_m: {ffn_down: q8_0}}"])
+                                                  "export.gguf.tensor_types.Q4_K_M.ffn_down=q8_0"])
     merge(cfg, run)
     summary = export_gguf(cfg, run)
     assert summary["files"]["Q4_K_M"]["tensor_types"] == {"ffn_down": "Q8_0"}
@@ -185,13 +185,15 @@ def test_tensor_type_overrides_are_checked_before_anything_runs():
     from finetune.pipeline import STAGES, check_config
 
     problems = gguf_config_problems(SimpleNamespace(quant_types=["Q4_K_M"], tensor_types={
-        "Q5_K_M": {"ffn_down": "Q6_K"}, "Q4_K_M": {"ffn_down(": "Q6_K", "attn_v": "Q7_K", "ffn_up": "q6_k"}}))
+        "Q4_KM": {"ffn_down": "Q6_K"}, "Q5_K_M": {"ffn_down": "Q6_K"},
+        "Q4_K_M": {"ffn_down(": "Q6_K", "attn_v": "Q7_K", "ffn_up": "q6_k"}}))
     assert len(problems) == 3, problems
-    assert "Q5_K_M is not in export.gguf.quant_types" in problems[0]
+    assert "export.gguf.tensor_types.Q4_KM: unknown quant type 'Q4_KM'" in problems[0]  # Q5_K_M: left unused
     assert "'ffn_down(' is not a regular expression" in problems[1]
     assert "unknown ggml type 'Q7_K'" in problems[2]
+    assert not gguf_config_problems(compose(["export.gguf.quant_types=[Q8_0]"]).export.gguf)  # default's Q4_K_M unused
     with pytest.raises(ConfigError, match="export.gguf.tensor_types.Q4_K_M.ffn_down: unknown ggml type 'Q9'"):
-        check_config(compose(["+export.gguf.tensor_types={Q4_K_M: {ffn_down: Q9}}"]),
+        check_config(compose(["export.gguf.tensor_types.Q4_K_M.ffn_down=Q9"]),
                      [s for s in STAGES if s.name == "gguf"])
 
 

@@ -225,8 +225,8 @@ class GGUFConfig:
     # matrix, finetune.export.imatrix; Q8_0 and float types do not use one; skipped for merged models over
     # 4 GB). 0: none. Off by default: for SmolLM2-135M it made Q4_K_M worse (docs/quantization.md).
     imatrix_samples: int = 0
-    # Per quant type, {GGUF tensor-name regex: ggml type}: llama.cpp's overrides (llama-quantize --tensor-type),
-    # e.g. {Q4_K_M: {ffn_down: Q6_K}}; the file keeps its name (docs/quantization.md). Empty: llama.cpp's mix.
+    # Per quant type, {GGUF tensor-name regex: ggml type}: llama.cpp's overrides (llama-quantize --tensor-type);
+    # conf/export: {Q4_K_M: {ffn_down: Q6_K}}; the file keeps its name (docs/quantization.md). {}: llama.cpp's mix.
     tensor_types: Dict[str, Dict[str, str]] = field(default_factory=dict)
 
 

@@ -203,8 +203,9 @@ def normalize_quant_type(name: str) -> str:
 
 
 def gguf_config_problems(gcfg: Any) -> list[str]:
-    """What is wrong in export.gguf before anything runs: unknown quant types, tensor type overrides of a type
-    not quantized, a regex that does not compile, a ggml type that does not exist."""
+    """What is wrong in export.gguf before anything runs: unknown quant types (exported or overridden), a
+    regex that does not compile, a ggml type that does not exist. Overrides of a known type that is not
+    exported are left unused (the default carries Q4_K_M's; export.gguf.quant_types=[Q8_0] must still run)."""
     import gguf
 
     problems = []
@@ -213,11 +214,10 @@ def gguf_config_problems(gcfg: Any) -> list[str]:
             normalize_quant_type(quant)
         except ExportError as exc:
             problems.append(str(exc))
-    wanted = {str(q).upper() for q in gcfg.quant_types}
     for quant, overrides in (gcfg.tensor_types or {}).items():
         where = f"export.gguf.tensor_types.{quant}"
-        if str(quant).upper() not in wanted:
-            problems.append(f"{where}: {quant} is not in export.gguf.quant_types {list(gcfg.quant_types)}")
+        if str(quant).upper() not in QUANT_TYPES:
+            problems.append(f"{where}: unknown quant type {quant!r}; known: {', '.join(QUANT_TYPES)}")
         for pattern, ggml_type in (overrides or {}).items():
             try:
                 re.compile(pattern)
