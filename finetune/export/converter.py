@@ -195,10 +195,10 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", mo
     return time.perf_counter() - start
 
 
-def normalize_quant_type(name: str) -> str:
+def normalize_quant_type(name: str, where: str = "export.gguf.quant_types") -> str:
     key = str(name).upper()
     if key not in QUANT_TYPES:
-        raise ExportError(f"export.gguf.quant_types: unknown quant type {name!r}; known: {', '.join(QUANT_TYPES)}")
+        raise ExportError(f"{where}: unknown quant type {name!r}; known: {', '.join(QUANT_TYPES)}")
     return key
 
 
@@ -209,15 +209,15 @@ def gguf_config_problems(gcfg: Any) -> list[str]:
     import gguf
 
     problems = []
-    for quant in gcfg.quant_types:
+    named = [(quant, "export.gguf.quant_types") for quant in gcfg.quant_types]
+    named += [(quant, f"export.gguf.tensor_types.{quant}") for quant in gcfg.tensor_types or {}]
+    for quant, where in named:
         try:
-            normalize_quant_type(quant)
+            normalize_quant_type(quant, where)
         except ExportError as exc:
             problems.append(str(exc))
     for quant, overrides in (gcfg.tensor_types or {}).items():
         where = f"export.gguf.tensor_types.{quant}"
-        if str(quant).upper() not in QUANT_TYPES:
-            problems.append(f"{where}: unknown quant type {quant!r}; known: {', '.join(QUANT_TYPES)}")
         for pattern, ggml_type in (overrides or {}).items():
             try:
                 re.compile(pattern)
