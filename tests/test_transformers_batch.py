@@ -113,3 +113,19 @@ def test_logprobs_are_the_raw_log_softmax_of_each_chosen_token(smollm2):
             expected = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen.T)[:, 0]
             assert torch.allclose(torch.tensor(a.logprobs), expected, atol=1e-4), (a.logprobs[:5], expected[:5])
             assert max(a.logprobs) <= 0 and min(a.logprobs) < -1e-3
+
+
+def test_an_answer_the_grammar_never_steered_is_the_unconstrained_answer(smollm2):
+    """Generation.steered: True exactly where the grammar changed a choice, so exactly where the unconstrained
+    greedy answer differs; the evaluate stage reuses the others instead of decoding them again."""
+    cfg, task, tokenizer, model = smollm2
+    prompts = extraction_prompts(cfg, task, tokenizer, zero_shot=False)
+    sampling = Sampling(max_new_tokens=64)
+    with torch_threads(1):
+        held = generate_transformers(model, tokenizer, prompts, STOP, sampling, batch_size=3,
+                                     grammar=task.answer_grammar())
+        free = generate_transformers(model, tokenizer, prompts, STOP, sampling, batch_size=3)
+    steered = [g.steered for g in held]
+    assert any(steered) and not all(steered), steered  # both kinds of row
+    assert steered == [answers([h]) != answers([f]) for h, f in zip(held, free)]
+    assert all(g.steered is None for g in free)  # nothing to steer without a grammar

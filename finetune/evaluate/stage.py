@@ -12,7 +12,8 @@ Evaluated, each under one name in metrics.json and predictions/<name>.jsonl (fin
 so the report shows what fine-tuning gained and what each quantization costs on the task itself.
 Every model decodes under the task's answer constraint (evaluate.constrained: the GBNF grammar of
 finetune.tasks.grammar, in llama.cpp natively and in transformers through llguidance), and the models
-that evaluate.unconstrained names (default: finetuned) once more without it, as <name>-unconstrained.
+that evaluate.unconstrained names (default: finetuned) once more without it, as <name>-unconstrained; in
+transformers, greedy, that pass decodes only the rows whose constrained answer the grammar steered.
 A failing artifact or comparison model is recorded with its error and the rest goes on.
 """
 
@@ -144,8 +145,13 @@ class Session:
     def prompts(self, tokenizer: Any, model_cfg: ModelConfig, shots: list[dict]) -> list[str]:
         return [render_prompt(tokenizer, with_shots(r["prompt"], shots), model_cfg) for r in self.rows]
 
-    def record(self, name: str, outputs: list[Generation], info: dict, wall_seconds: float | None = None) -> None:
+    def record(self, name: str, outputs: list[Generation], info: dict, wall_seconds: float | None = None,
+               reused: set[int] = frozenset()) -> None:
+        """Score and keep one pass's answers; `reused`: rows taken from another pass, left out of its tokens/s."""
         entry, predictions = score(self.task, self.rows, outputs, info, wall_seconds)
+        if reused:
+            made, seconds = sum(g.n_tokens for i, g in enumerate(outputs) if i not in reused), entry["seconds"]
+            entry["tokens_per_s"] = round(made / seconds, 2) if made and seconds > 0 else None
         self.models[name], self.predictions[name], self.outputs[name] = entry, predictions, outputs
         log.info("[evaluate] %-16s %s=%s  %s s in all, %.2f s mean latency, %s tok/s", name,
                  self.task.headline_metric, entry.get(self.task.headline_metric), entry.get("seconds"),
@@ -179,14 +185,25 @@ class Session:
                     "device": self.device, "threads": torch.get_num_threads()})
             outputs = load_answers(key)
             cached = outputs is not None
+            # The unconstrained pass takes the constrained answers the grammar never steered (unsteered()).
+            reused = set(unsteered(self.outputs.get(name), self.sampling)) if grammar is None and not cached else set()
             if not cached:
                 if not isinstance(model, torch.nn.Module):  # a loader: the model is loaded only when needed
                     model = model()
-                outputs = generate_transformers(model, tokenizer, prompts, list(model_cfg.stop_tokens), self.sampling,
-                                                batch_size=batch_size, grammar=grammar)
+                todo = [i for i in range(len(prompts)) if i not in reused]
+                start = time.perf_counter()
+                fresh = generate_transformers(model, tokenizer, [prompts[i] for i in todo],
+                                              list(model_cfg.stop_tokens), self.sampling, batch_size=batch_size,
+                                              grammar=grammar) if todo else []
+                wall = time.perf_counter() - start
+                outputs = list(self.outputs[name]) if reused else [None] * len(prompts)
+                for i, answer in zip(todo, fresh):
+                    outputs[i] = answer
                 save_answers(key, outputs, {"model": model_cfg.name, "task": self.task.name, "pass": pass_name})
+            extra = {"cached": True} if cached else {"answers_reused": len(reused)} if reused else {}
             self.record(pass_name, outputs, {"runtime": "transformers", "constraint": kind, "few_shot": len(shots),
-                                             "batch_size": batch_size, **info, **({"cached": True} if cached else {})})
+                                             "batch_size": batch_size, **info, **extra},
+                        wall if reused else None, reused)
 
     def hf_checkpoint(self, name: str, path: Path, info: dict) -> None:
         model_cfg = self.cfg.model
@@ -230,6 +247,15 @@ class Session:
 
 # ---------------------------------------------------------------------------------------------
 # The stage
+
+
+def unsteered(constrained: list[Generation] | None, sampling: Any) -> list[int]:
+    """Rows whose greedy answer under the grammar never left the raw argmax: the unconstrained pass would
+    write the same tokens (the same prefix gives the same logits), so it takes those answers and decodes only
+    the others. Nothing when any row's steering was not recorded, or when sampling."""
+    if not constrained or not sampling.greedy or any(g.steered is None for g in constrained):
+        return []
+    return [i for i, g in enumerate(constrained) if not g.steered]
 
 
 def base_and_finetuned(s: Session) -> None:

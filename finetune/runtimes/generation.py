@@ -33,6 +33,9 @@ class Generation:
     # Natural log-probability of each generated token (the stop token not included) under the model's own
     # distribution before any grammar mask: the confidence signals of finetune.route. None: not recorded.
     logprobs: list[float] | None = None
+    # Under a grammar, greedy: whether the grammar changed any choice (a token other than the raw argmax). An
+    # unsteered answer is the model's unconstrained greedy answer too. None: not recorded.
+    steered: bool | None = None
 
 
 @dataclass

@@ -52,6 +52,7 @@ class Answer:
     logprobs: list[float] = field(default_factory=list)  # raw log-probability of each chosen token, stop included
     stopped: bool = False
     done: bool = False
+    steered: bool = False  # its grammar changed a choice: some token was not the raw argmax
 
 
 def supports_continuous(model: Any) -> bool:
@@ -135,6 +136,8 @@ def choose(rows: list[Answer], logits: Any, stop_ids: set[int], max_new_tokens: 
     if any(a.matcher is not None for a in rows):
         blocked = blocked_tokens([a.matcher for a in rows], scores.shape[-1]).to(scores.device)
         chosen = scores.masked_fill(blocked, float("-inf")).argmax(dim=-1)
+        for a, differs in zip(rows, (chosen != scores.argmax(dim=-1)).tolist()):
+            a.steered = a.steered or differs
     else:
         chosen = scores.argmax(dim=-1)
     lps = torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0].tolist() if want_logprobs else None
@@ -233,5 +236,6 @@ def generate_continuous(model: Any, tokenizer: Any, prompts: list[str], order: l
     # a.logprobs ends with the stop token's when the answer stopped; Generation.logprobs leaves it out.
     return [Generation(tokenizer.decode(a.tokens, skip_special_tokens=True), len(a.tokens), latency,
                        stopped=a.stopped, batch=0,
-                       logprobs=[round(x, 5) for x in a.logprobs[: len(a.tokens)]] if logprobs else None)
+                       logprobs=[round(x, 5) for x in a.logprobs[: len(a.tokens)]] if logprobs else None,
+                       steered=a.steered if a.matcher is not None else None)
             for a in answers]
