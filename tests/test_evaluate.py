@@ -22,7 +22,7 @@ from finetune.models.gguf_source import packaged_gguf_path
 from finetune.models.loading import load_model, load_tokenizer, render_prompt
 from finetune.runtimes.generation import Sampling, adds_bos
 from finetune.runtimes.llamacpp import prompt_tokens
-from finetune.runtimes.transformers import generate_transformers
+from finetune.runtimes.transformers import generate_transformers, generation_dtype
 from finetune.tasks import get_task
 
 MAX_NEW_TOKENS = 64  # the JSON answers of these addresses are 42-46 tokens
@@ -114,6 +114,7 @@ def test_metrics_json_has_every_model(tiny_run):
                                        "specialist", "reference-usaddress"]
     assert metrics["generation"]["constraint"] == {"kind": "json_schema", "schema": task.answer_constraint()}
     assert metrics["generation"]["grammar"] == task.answer_grammar()
+    assert metrics["generation"]["dtype"] == "float32"  # evaluate.precision=auto on a CPU
     for name, entry in metrics["models"].items():
         assert "error" not in entry, entry
         if "baseline" not in entry:  # language models; the baselines generate no tokens
@@ -195,6 +196,13 @@ def test_batched_left_padded_generation_matches_one_at_a_time(tiny_run):
     assert [g.text for g in batched] == [g.text for g in single]
     assert [g.n_tokens for g in batched] == [g.n_tokens for g in single]
     assert tokenizer.padding_side == "right"  # restored for training code that shares the tokenizer
+
+
+def test_generation_precision_is_fp32_on_a_cpu_unless_asked_and_names_its_key():
+    assert generation_dtype("auto", "cpu") == torch.float32
+    assert generation_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ConfigError, match=r"evaluate\.precision=fp16 needs a CUDA GPU"):
+        generation_dtype("fp16", "cpu")
 
 
 @pytest.mark.slow

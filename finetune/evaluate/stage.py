@@ -49,7 +49,7 @@ from finetune.models.loading import (
 from finetune.runtimes.generation import Generation, Sampling
 from finetune.runtimes.llamacpp import generate_llama_cpp
 from finetune.runtimes.llamacpp_batch import generate_llama_cpp_batched
-from finetune.runtimes.transformers import generate_transformers
+from finetune.runtimes.transformers import generate_transformers, generation_dtype
 from finetune.tasks import Task
 from finetune.tasks.grammar import describe
 from finetune.train.tracking import log_results
@@ -113,13 +113,10 @@ class Session:
     """The rows, the task, the settings, and the results so far."""
 
     def __init__(self, cfg: Config, run: RunDir, task: Task, rows: list[dict], train_rows: list[dict]):
-        import torch
-
         self.cfg, self.run, self.task, self.rows, self.train_rows = cfg, run, task, rows, train_rows
         self.sampling = sampling_from(cfg)
         self.device = device_for(cfg.device)
-        cuda_bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
-        self.dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        self.dtype = generation_dtype(str(cfg.evaluate.precision), self.device)
         self.models: dict[str, dict] = {}
         self.predictions: dict[str, list[dict]] = {}
         self.outputs: dict[str, list[Generation]] = {}  # each model's answers as generated (finetune.route)
@@ -368,6 +365,7 @@ def write_results(s: Session) -> dict:
             "do_sample": s.sampling.do_sample,
             **({"temperature": s.sampling.temperature, "top_p": s.sampling.top_p} if s.sampling.do_sample else {}),
             "device": s.device,
+            "dtype": str(s.dtype).removeprefix("torch."),  # of the models transformers generates with
             "threads": int(cfg.evaluate.n_threads or cpu_threads()),
             "constraint": s.constraint,  # what "constraint": <kind> in a model's entry enforced
             **({"grammar": s.grammar} if s.grammar is not None else {}),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from finetune.core.errors import ConfigError
 from finetune.runtimes.generation import Generation, Grammars, Sampling, adds_bos, per_prompt
 
 
@@ -110,3 +111,14 @@ def generate_transformers(
     finally:
         tokenizer.padding_side = padding_side
     return results  # type: ignore[return-value]
+
+
+def generation_dtype(precision: str, device: str) -> Any:
+    """evaluate.precision as a torch dtype: auto is bf16 on a GPU with bf16, else fp32."""
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise ConfigError("evaluate.precision=fp16 needs a CUDA GPU; on a CPU use fp32 or bf16.")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
