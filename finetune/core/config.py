@@ -274,8 +274,7 @@ class EvaluateConfig:
     compare: List[str] = field(default_factory=list)  # registry model names, zero/few-shot
     specialist: bool = True  # the task's non-LLM baselines (task.specialist and task.reference_baselines)
     artifacts: bool = True  # evaluate every exported artifact in its runtime
-    # The merged checkpoint too (transformers). Off by default: the merge stage already checks that its
-    # logits equal the adapter's, so its greedy answers repeat the fine-tuned row at the cost of a full pass.
+    # The merged checkpoint too (transformers). Off: the merge stage already checks its logits equal the adapter's.
     merged: bool = False
     # Reuse the base and comparison models' answers from an earlier run when the model files, prompts, decoding,
     # grammar and library versions are all the same (finetune.evaluate.cache; ~/.cache/finetune/answers).
@@ -287,16 +286,11 @@ class EvaluateConfig:
     # Decode every model under the task's answer constraint (extraction: its JSON schema, classification: its
     # label set; finetune.tasks.grammar), as a deployment would. Generation tasks have none.
     constrained: bool = True
-    # Models also evaluated without the constraint, as "<name>-unconstrained", so the report shows what the
-    # constraint changes: names or globs of evaluated models (base, finetuned, merged, gptq, gguf-*, a
-    # compare model); [] for none. One extra generation pass each.
+    # Models also evaluated without the constraint, as "<name>-unconstrained": names or globs of evaluated
+    # models (base, finetuned, merged, gptq, gguf-*, a compare model); [] for none. One extra pass each.
     unconstrained: List[str] = field(default_factory=lambda: ["finetuned"])
     n_threads: Optional[int] = None  # generation threads (torch and llama.cpp); None = all cores
-    # Weights transformers generates with: auto = bf16 on a GPU with bf16, else fp32. bf16 on a CPU with native
-    # bf16 halves the bytes each decoded token reads: 1.75x the tokens/s on an AMD EPYC with AVX512-BF16, but 12
-    # of 149 extraction answers changed and a LoRA merged in bf16 answers unlike its fp32-merged checkpoint, so
-    # the CPU reference stays fp32 (docs/training.md, "Generation in bf16").
-    precision: Precision = Precision.auto
+    precision: Precision = Precision.auto  # generation dtype: auto = bf16 on a bf16 GPU, else fp32 (docs/training.md)
 
 
 @dataclass
