@@ -35,13 +35,17 @@ FLOPs per real token (documented formula, matmuls only):
     N_f = in*out summed over frozen nn.Linear layers except lm_head, N_t = the same over trainable ones,
     N_h = lm_head's in*out, counted only on completion tokens (TRL's fused LM head skips the prompt)
     forward      2 (N_f + N_t)  [+ 2 N_h per completion token]
-    backward     2 (N_f + N_t)  input gradients (needed through frozen layers too, down to layer 0)
+    backward     2 (N_f - N_b + N_t)  input gradients, through frozen layers too (LoRA: down to layer 0), but
+                                not below the lowest trainable weight: N_b = in*out of the decoder layers under
+                                it when the embedding is frozen too (method.frozen_layers), whose backward
+                                autograd never runs
                + 2 N_t          weight gradients (trainable weights only; full fine-tuning: N_t = all)
                                 [+ 2 N_h per completion token]
-    attention    3 x 4 * layers * d_attn * (T+1)/2 per token of a row of T tokens (QK^T and AV, causal,
-                 forward + 2x backward), summed exactly per row of each batch
+    attention    4 * d_attn * (T+1)/2 per token of a row of T tokens and layer (QK^T and AV, causal) in the
+                 forward of every layer and twice that in the backward of the layers the backward reaches,
+                 summed exactly per row of each batch
 Utilisation = achieved FLOP/s / the best 2048^3 torch.mm FLOP/s (fp32 and bf16), measured in this
-process with the same thread count.
+process with the same thread count (on a CPU the bf16 peak only with BENCH_BF16_PEAK=1: scripts/_bench.py).
 """
 
 from __future__ import annotations
@@ -72,6 +76,26 @@ def matmul_params(model) -> tuple[int, int]:
             else:
                 frozen += n
     return frozen, trainable
+
+
+def backward_free_layers(model, n_layers: int) -> tuple[int, int]:
+    """(decoder layers under the lowest trainable weight, in*out of their nn.Linear layers): autograd runs no
+    backward through them. (0, 0) when the input embedding trains (the backward then reaches layer 0)."""
+    import torch
+
+    if model.get_input_embeddings().weight.requires_grad:
+        return 0, 0
+    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None)
+    if layers is None:
+        return 0, 0
+    below = 0
+    for layer in layers:
+        if any(p.requires_grad for p in layer.parameters()):
+            break
+        below += 1
+    n = sum(m.in_features * m.out_features for layer in list(layers)[:below]
+            for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    return below, n
 
 
 def row_lengths(inputs) -> list[int]:
@@ -111,6 +135,7 @@ class Arm:
         heads = getattr(text_config, "num_attention_heads")
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         self.d_attn, self.layers = heads * head_dim, text_config.num_hidden_layers
+        self.layers_no_backward, self.n_no_backward = backward_free_layers(trainer.model, self.layers)
         self._wrap_training_step()
         from transformers import TrainerCallback
 
@@ -190,9 +215,10 @@ class Arm:
         label_tokens = sum(r["label_tokens"] for r in rounds)
         attn = sum(r["attn"] for r in rounds)
         seconds = sum(r["seconds"] for r in rounds)
-        linear = (tokens * (4 * (self.n_frozen - self.n_head + self.n_trainable) + 2 * self.n_trainable)
+        linear = (tokens * (4 * (self.n_frozen - self.n_head + self.n_trainable) + 2 * self.n_trainable
+                            - 2 * self.n_no_backward)
                   + label_tokens * 4 * self.n_head)
-        attention = 3 * 4 * self.layers * self.d_attn * attn
+        attention = 4 * self.d_attn * attn * (self.layers + 2 * (self.layers - self.layers_no_backward))
         return (linear + attention) / seconds
 
 
@@ -434,6 +460,7 @@ def main() -> None:
             "tokens_end": int(curves[arm.name][-1][0]),
             "val_loss_at_equal_tokens": round(interpolate(curves[arm.name], common), 4),
             "matmul_params_frozen": arm.n_frozen, "matmul_params_trainable": arm.n_trainable,
+            "layers_without_backward": arm.layers_no_backward,
         })
     by = {r["arm"]: r for r in results}
     ratio = round(by["ours"]["tok_s"] / by[base_name]["tok_s"], 2) if len(by) == 2 else None
