@@ -78,24 +78,15 @@ def matmul_params(model) -> tuple[int, int]:
     return frozen, trainable
 
 
-def backward_free_layers(model, n_layers: int) -> tuple[int, int]:
+def backward_free_layers(model) -> tuple[int, int]:
     """(decoder layers under the lowest trainable weight, in*out of their nn.Linear layers): autograd runs no
     backward through them. (0, 0) when the input embedding trains (the backward then reaches layer 0)."""
-    import torch
-
     if model.get_input_embeddings().weight.requires_grad:
         return 0, 0
-    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None)
-    if layers is None:
-        return 0, 0
-    below = 0
-    for layer in layers:
-        if any(p.requires_grad for p in layer.parameters()):
-            break
-        below += 1
-    n = sum(m.in_features * m.out_features for layer in list(layers)[:below]
-            for m in layer.modules() if isinstance(m, torch.nn.Linear))
-    return below, n
+    layers = model.get_decoder().layers  # as finetune.train.model.freeze_layers finds them
+    below = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
+                 len(layers))
+    return below, sum(matmul_params(layer)[0] for layer in layers[:below])
 
 
 def row_lengths(inputs) -> list[int]:
@@ -135,7 +126,7 @@ class Arm:
         heads = getattr(text_config, "num_attention_heads")
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         self.d_attn, self.layers = heads * head_dim, text_config.num_hidden_layers
-        self.layers_no_backward, self.n_no_backward = backward_free_layers(trainer.model, self.layers)
+        self.layers_no_backward, self.n_no_backward = backward_free_layers(trainer.model)
         self._wrap_training_step()
         from transformers import TrainerCallback
 
