@@ -17,7 +17,8 @@ from finetune.core.hardware import cpu_bf16_faster
 from finetune.core.rundir import RunDir
 from finetune.data.rows import load_split
 from finetune.train.checkpoints import last_complete_checkpoint
-from finetune.train.model import build_model, resolve_precision
+from finetune.pipeline import check_config
+from finetune.train.model import build_model, resolve_precision, use_liger
 from finetune.train.shared_prefix import shared_prefix_length
 from finetune.train.stage import build_trainer, planned_steps, sft_config, train, warmup_steps
 
@@ -68,6 +69,25 @@ def test_sft_config_takes_every_knob_from_the_method(tmp_path):
     assert full.padding_free and full.max_length is None and not full.packing
     no_eval = sft_config(cfg, RunDir(tmp_path), "cpu", "fp32", has_eval=False)
     assert no_eval.eval_strategy == "no" and not no_eval.load_best_model_at_end and not no_eval.bf16
+
+
+def test_sft_args_reach_trl_and_a_field_trl_lacks_is_named(tmp_path):
+    cfg = compose(["method=lora", f"run_dir={tmp_path}", "method.lr=3e-4",
+                   "+method.sft_args={pad_to_multiple_of: 64, learning_rate: 5e-4}"])
+    args = sft_config(cfg, RunDir(tmp_path), "cpu", "fp32", has_eval=True)
+    assert args.pad_to_multiple_of == 64 and args.learning_rate == 5e-4  # as given: sft_args win
+    bad = compose(["method=lora", f"run_dir={tmp_path}", "+method.sft_args.pad_to_multipel_of=64"])
+    with pytest.raises(ConfigError, match="pad_to_multipel_of: not fields of TRL's SFTConfig"):
+        sft_config(bad, RunDir(tmp_path), "cpu", "fp32", has_eval=True)
+
+
+def test_liger_kernel_is_refused_before_any_work_without_a_gpu(tmp_path):
+    cfg = compose(["method=lora", "method.liger_kernel=true", "device=cpu", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="method.liger_kernel=true needs a CUDA GPU"):
+        check_config(cfg)
+    assert not use_liger(compose(["method=lora"]).method, "cpu")  # off by default, nothing to check
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        use_liger(cfg.method, "cpu")
 
 
 def test_warm_up_is_rounded_down_so_no_step_runs_at_lr_zero():

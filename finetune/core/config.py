@@ -191,6 +191,8 @@ class MethodConfig:
     share_prefix: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False  # torch.compile the model (GPU: pays off over long runs; compiles in round 1)
+    liger_kernel: bool = False  # CUDA: Liger's fused RMSNorm + SwiGLU (no faster at 135M-0.5B: docs/training.md)
+    sft_args: Dict[str, Any] = field(default_factory=dict)  # more SFTConfig fields, as given (torch_compile_mode ...)
     precision: Precision = Precision.auto
     # evaluation / checkpoints
     eval_steps: int = 50
@@ -200,10 +202,8 @@ class MethodConfig:
     logging_steps: int = 5
     early_stopping_patience: Optional[int] = None
     load_best_model_at_end: bool = True
-    # Validation rows answered and scored with the task's metric: once after training (the number a
-    # hyper-parameter search maximises), and at every evaluation when best_by=task. 0: never. None:
-    # METRIC_EXAMPLES where something reads the number (a search's trial, best_by=task), else 0 (a plain
-    # run's test metrics come from the evaluate stage; the 32 answers cost 25-45 s of a 2-core CPU).
+    # Validation rows answered and scored with the task's metric after training (what a search maximises) and,
+    # with best_by=task, at every evaluation. 0: never. None: METRIC_EXAMPLES where something reads it, else 0.
     metric_examples: Optional[int] = None
     best_by: str = "loss"  # the checkpoint kept at the end: lowest eval loss (loss) or best task metric (task)
     seed: int = 42

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from finetune.core.config import Config
 
 
@@ -32,6 +34,8 @@ def value_problems(cfg: Config) -> list[str]:
         (m.save_steps >= 1, f"method.save_steps={m.save_steps}: must be >= 1"),
         (m.logging_steps >= 1, f"method.logging_steps={m.logging_steps}: must be >= 1"),
         (m.eval_examples is None or m.eval_examples >= 1, f"method.eval_examples={m.eval_examples}: must be >= 1"),
+        (not m.liger_kernel or (str(cfg.device) != "cpu" and importlib.util.find_spec("liger_kernel") is not None),
+         "method.liger_kernel=true needs a CUDA GPU (device=auto or cuda) and `pip install liger-kernel`"),
         (0 <= d.validation_fraction < 1, f"task.data.validation_fraction={d.validation_fraction}: must be in [0, 1)"),
         (0 <= d.test_fraction < 1, f"task.data.test_fraction={d.test_fraction}: must be in [0, 1)"),
         (d.validation_fraction + d.test_fraction < 1,

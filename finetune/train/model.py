@@ -142,3 +142,54 @@ def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
         target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none", task_type="CAUSAL_LM",
     )
     return model, peft_config
+
+
+LIGER_KERNELS = {"rms_norm": True, "swiglu": True, "geglu": True, "rope": False, "cross_entropy": False,
+                 "fused_linear_cross_entropy": False}
+
+
+def use_liger(method: MethodConfig, device: str) -> bool:
+    """method.liger_kernel, checked: Liger's kernels are Triton, so they need a CUDA GPU and liger-kernel."""
+    import importlib.util
+
+    if not method.liger_kernel:
+        return False
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if device != "cuda" or not installed:
+        raise ConfigError("method.liger_kernel=true needs a CUDA GPU and `pip install liger-kernel` (Triton "
+                          f"kernels); this run has device={device}, liger-kernel "
+                          f"{'installed' if installed else 'missing'}. Leave it false (the default).")
+    return True
+
+
+def apply_liger(model: Any) -> list[str]:
+    """Liger's fused Triton kernels (RMSNorm, SwiGLU/GeGLU MLP) on this model's modules, nothing else.
+
+    Each fused norm or MLP is one kernel where PyTorch runs several, but a 135M-0.5B model on a GPU is bound by
+    launching them from Python, and a Triton launch costs more than a PyTorch one: on the H200 Liger was no
+    faster at batch 16 (docs/training.md), so it is opt-in. Liger's own entry point also swaps the modeling
+    module's classes and its rotary-embedding function for the whole process (every model built later, a CPU one
+    too, where Triton cannot run); those module globals are put back, so only this instance changes. Its
+    cross-entropy stays off: TRL's fused LM head computes the loss. Returns the kernels applied ([]: a family
+    Liger does not know)."""
+    import inspect
+    import sys
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log.info("liger-kernel has no kernels for model type %s: not applied", base.config.model_type)
+        return []
+    module = sys.modules[type(base).__module__]
+    saved = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=base, **LIGER_KERNELS)
+    finally:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+    takes = inspect.signature(MODEL_TYPE_TO_APPLY_LIGER_FN[base.config.model_type]).parameters
+    applied = [k for k, on in LIGER_KERNELS.items() if on and k in takes]
+    log.info("liger-kernel: fused %s on the %s model's layers", " + ".join(applied), base.config.model_type)
+    return applied

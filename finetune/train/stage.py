@@ -10,6 +10,7 @@ so the model learns to stop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -26,7 +27,7 @@ from finetune.train import shared_prefix, tracking
 from finetune.train.budget import SCHEDULES, TimeBudget, warmup_length
 from finetune.train.callbacks import DivergenceGuard, ProgressLog
 from finetune.train.checkpoints import resume_checkpoint, save_final
-from finetune.train.model import build_model, resolve_precision
+from finetune.train.model import apply_liger, build_model, resolve_precision, use_liger
 from finetune.train.selection import ValidationScorer
 from finetune.train.trl_hooks import trainer_class
 
@@ -70,6 +71,7 @@ def check_eos_trained(dataset: Any, tokenizer: Any, eos_token: str, max_length: 
 
 def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: bool, best_metric: str = "") -> Any:
     """TRL's config for this method; `best_metric`: the task metric that picks the checkpoint (best_by=task)."""
+    from omegaconf import DictConfig, OmegaConf
     from trl import SFTConfig
 
     m = cfg.method
@@ -80,7 +82,7 @@ def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: 
         log.info("save_steps=%d is not a multiple of eval_steps=%d: saving every %d steps so the best "
                  "evaluated checkpoint exists", save_steps, eval_steps, eval_steps)
         save_steps = eval_steps
-    return SFTConfig(
+    args = dict(
         output_dir=str(run.checkpoints_dir),
         run_name=run.root.name,
         seed=m.seed,
@@ -124,6 +126,13 @@ def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: 
         disable_tqdm=True,  # ProgressLog prints one line per logging step instead
         dataloader_num_workers=0,
     )
+    extra = m.sft_args
+    extra = OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra or {})
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(SFTConfig)})
+    if unknown:
+        raise ConfigError(f"method.sft_args has {', '.join(unknown)}: not fields of TRL's SFTConfig "
+                          f"(https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig)")
+    return SFTConfig(**{**args, **extra})
 
 
 def planned_steps(method: MethodConfig, train_rows: int, world: int) -> int:
@@ -170,6 +179,7 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
     trainer = trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
+    liger = apply_liger(trainer.model) if use_liger(cfg.method, device) else []
     if _shares_prefix(cfg.method, device):
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         collator = shared_prefix.enable(base, trainer.data_collator, cfg.method.max_length)
@@ -185,7 +195,7 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
             param.data = param.data.float()
     info = {"device": device, "precision": precision, "world_size": args.world_size,
             "planned_steps": steps, "warmup_steps": args.warmup_steps,
-            "base_4bit": getattr(model, "hf_quantizer", None) is not None,
+            "base_4bit": getattr(model, "hf_quantizer", None) is not None, "liger_kernels": liger,
             "train_examples": len(train_ds), "validation_examples": len(eval_ds) if eval_ds is not None else 0,
             **check_eos_trained(trainer.train_dataset, tokenizer, cfg.model.eos_token, cfg.method.max_length)}
     if device == "cpu" and str(cfg.method.precision) == "auto" and cpu_supports_bf16():  # what chose fp32 or bf16
