@@ -3,17 +3,19 @@
     .venv/bin/python scripts/bench_train.py [--method lora] [--steps 5] [--rounds 3] [finetune overrides...]
     e.g. ... method.packing=true method.batch_size=1 method.grad_accum=4
     ... --method full --before 'method.optim=adamw_torch method.padding_free=false'  (ours vs ours as it was)
+    ... --variant nodrop='method.lora_dropout=0' --variant b64='method.batch_size=64 method.lr=2e-3'
+        (more arms of ours, each with its overrides added, against the same baseline in the same process)
 
-    (GPU: bash scripts/gpu_check.sh bench DIR [qlora lora qlora-packed lora-b64 qlora-b64 ...])
+    (GPU: bash scripts/gpu_check.sh all DIR, or bench DIR [these arguments])
 
 Arm "ours": finetune.data.prepare + finetune.train.build_trainer on a fresh run dir, i.e. what
 `python -m finetune` trains with the configured defaults (the trainer's own eval/checkpoints are turned
 off so that only training steps are timed). Arm "plain": TRL's SFTTrainer as the TRL docs write it:
-SFTConfig(use_cpu=True on CPU, everything else default) + LoraConfig with the same r/alpha/dropout/targets,
-the same model weights, the same training rows, the same max_length and the same (effective) batch.
-Its learning rate is set to ours (--baseline-lr), because TRL's default 2e-5 is meant for full
-fine-tuning and would make the loss comparison meaningless. On a GPU the plain arm loads the weights in
-bf16, and for --method qlora with the NF4 BitsAndBytesConfig of TRL's QLoRA docs.
+SFTConfig(use_cpu=True on CPU, everything else default) + LoraConfig with the same r/alpha/targets and the
+dropout of TRL's PEFT docs (0.05; --baseline-dropout), the same model weights, the same training rows, the same
+max_length and the same (effective) batch. Its learning rate is set to ours (--baseline-lr), because TRL's default
+2e-5 is meant for full fine-tuning and would make the loss comparison meaningless. On a GPU the plain arm loads
+the weights in bf16, and for --method qlora with the NF4 BitsAndBytesConfig of TRL's QLoRA docs.
 
 Both trainers run their real `train()` loop, each in its own thread, gated so that only one runs at a
 time: A runs M steps, pauses; B runs M steps, pauses; ... for N rounds. After each round both are
@@ -264,7 +266,8 @@ def build_ours(cfg, root: Path):
     return run, trainer, info
 
 
-def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps: int, fp32: bool = False):
+def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps: int, fp32: bool = False,
+                dropout: float = 0.05):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -283,7 +286,7 @@ def build_plain(cfg, run, out_dir: Path, batch_size: int, lr: float, total_steps
     targets = list(cfg.model.lora_target_modules)
     peft_config = None
     if method != "full":
-        peft_config = LoraConfig(r=int(m.lora_r), lora_alpha=int(m.lora_alpha), lora_dropout=float(m.lora_dropout),
+        peft_config = LoraConfig(r=int(m.lora_r), lora_alpha=int(m.lora_alpha), lora_dropout=dropout,
                                  target_modules="all-linear" if targets == ["all-linear"] else targets,
                                  task_type="CAUSAL_LM")
     if torch.cuda.is_available():
@@ -330,12 +333,17 @@ def main() -> None:
     p.add_argument("--baseline-lr", type=float, default=None, help="default: our method.lr")
     p.add_argument("--baseline-fp32", action="store_true",
                    help="plain TRL with bf16=False (TRL's default is bf16 autocast, even on a CPU without bf16 units)")
+    p.add_argument("--baseline-dropout", type=float, default=0.05,
+                   help="plain TRL's LoRA dropout: 0.05 as TRL's PEFT docs write it (ours: method.lora_dropout)")
     p.add_argument("--eval-rows", type=int, default=24)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--arms", default="ours,plain", help="ours,plain | ours | plain (memory of one arm alone)")
     p.add_argument("--before", default=None, metavar="OVERRIDES",
                    help="instead of plain TRL, the baseline arm is ours with these overrides added (today's path), "
                         "e.g. --before 'method.optim=adamw_torch method.padding_free=false'")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="one more arm of ours with these overrides added (repeatable), timed against the same "
+                        "baseline, e.g. --variant nodrop='method.lora_dropout=0'")
     p.add_argument("overrides", nargs="*", help="finetune overrides, e.g. method.packing=true")
     a = p.parse_args()
 
@@ -377,14 +385,23 @@ def main() -> None:
     if before_cfg is not None:
         _, baseline, before_info = build_ours(before_cfg, tmp / "before")
     else:
-        baseline = build_plain(cfg, run, tmp / "plain", batch, lr, total_steps, a.baseline_fp32) if "plain" in arms_wanted else None
+        baseline = (build_plain(cfg, run, tmp / "plain", batch, lr, total_steps, a.baseline_fp32, a.baseline_dropout)
+                    if "plain" in arms_wanted else None)
     print(f"{base_name} built at {time.time() - t0:.0f}s", flush=True)
+    variants = []  # (name, cfg, trainer, info)
+    for spec in a.variant:
+        name, _, extra = spec.partition("=")
+        vcfg = compose(overrides + [f"run_dir={tmp / name}", *extra.split()])
+        _, vtrainer, vinfo = build_ours(vcfg, tmp / name)
+        variants.append((name, vcfg, vtrainer, vinfo))
+        print(f"variant {name} built at {time.time() - t0:.0f}s", flush=True)
     val = tokenized_validation(cfg, run, baseline or ours, a.eval_rows)
     setup_s = time.time() - t0
     text_config = ours.model.config.get_text_config()
     arms = []
     if "ours" in arms_wanted:
         arms.append(Arm("ours", ours, a.steps, text_config))
+    arms += [Arm(name, trainer, a.steps, text_config) for name, _, trainer, _ in variants]
     if baseline is not None:
         arms.append(Arm(base_name, baseline, a.steps, text_config))
 
@@ -393,9 +410,12 @@ def main() -> None:
                 "grad_accum": int(m.grad_accum), "packing": bool(m.packing), "padding_free": bool(m.padding_free),
                 "optim": str(m.optim), "max_length": int(m.max_length), "lr": float(m.lr),
                 "scheduler": str(m.lr_scheduler), "grad_ckpt": bool(m.gradient_checkpointing),
-                "compile": bool(m.torch_compile), "warmup_steps": info["warmup_steps"]}
+                "compile": bool(m.torch_compile), "warmup_steps": info["warmup_steps"],
+                "lora_dropout": float(m.lora_dropout), "liger": ",".join(info.get("liger_kernels") or []) or "-",
+                "sft_args": dict(m.sft_args or {})}
 
     settings = {"ours": our_settings(m, info)}
+    settings.update({name: our_settings(vcfg.method, vinfo) for name, vcfg, _, vinfo in variants})
     if before_cfg is not None:
         settings["before"] = our_settings(before_cfg.method, before_info)
     elif baseline is not None:
@@ -405,7 +425,8 @@ def main() -> None:
                              "padding_free": bool(pa.padding_free), "optim": str(getattr(pa.optim, "value", pa.optim)),
                              "max_length": pa.max_length, "lr": lr, "scheduler": str(pa.lr_scheduler_type.value),
                              "grad_ckpt": bool(pa.gradient_checkpointing),
-                             "compile": bool(pa.torch_compile), "warmup_steps": pa.get_warmup_steps(total_steps)}
+                             "compile": bool(pa.torch_compile), "warmup_steps": pa.get_warmup_steps(total_steps),
+                             "lora_dropout": a.baseline_dropout, "liger": "-"}
     curves = {arm.name: [] for arm in arms}
     time_curves = {arm.name: [] for arm in arms}  # (training seconds incl. round 1, loss)
     base_loss = validation_loss(arms[0].trainer.model, val)
@@ -421,7 +442,7 @@ def main() -> None:
             loss = validation_loss(arm.trainer.model, val)
             curves[arm.name].append((float(arm.tokens), loss))
             time_curves[arm.name].append((sum(x["seconds"] for x in arm.rounds), loss))
-            print(f"round {r + 1}/{a.rounds} {arm.name:5s} steps {last['step']:3d} | {last['tokens']:6d} tok "
+            print(f"round {r + 1}/{a.rounds} {arm.name:8s} steps {last['step']:3d} | {last['tokens']:6d} tok "
                   f"in {last['seconds']:6.1f}s = {last['tokens'] / last['seconds']:6.1f} tok/s | val loss {loss:.4f} "
                   f"| rss {_bench.rss_mb():.0f} MB | load {_bench.machine()['load_avg'][0]}", flush=True)
     for arm in arms:
@@ -454,17 +475,22 @@ def main() -> None:
             "layers_without_backward": arm.layers_no_backward,
         })
     by = {r["arm"]: r for r in results}
-    ratio = round(by["ours"]["tok_s"] / by[base_name]["tok_s"], 2) if len(by) == 2 else None
     # Time to equal loss: the training seconds (round 1 included) each arm needs to reach the higher of the
-    # two final validation losses. The ratio is the speed-up that counts when the arms differ in how much
-    # they learn per token (batch size, packing, schedule).
-    time_ratio = target = None
-    if len(by) == 2:
-        target = max(curves["ours"][-1][1], curves[base_name][-1][1])
-        t_ours, t_plain = (seconds_to_loss(time_curves[k], target) for k in ("ours", base_name))
-        for k, t in (("ours", t_ours), (base_name, t_plain)):
-            by[k]["seconds_to_loss"] = round(t, 1) if t is not None else None
-        time_ratio = round(t_plain / t_ours, 2) if t_ours and t_plain else None
+    # two final validation losses (each arm of ours against the baseline). The ratio is the speed-up that counts
+    # when the arms differ in how much they learn per token (batch size, packing, schedule).
+    if base_name in by:
+        for r in results:
+            if r["arm"] == base_name:
+                continue
+            target = max(curves[r["arm"]][-1][1], curves[base_name][-1][1])
+            t_ours, t_base = (seconds_to_loss(time_curves[k], target) for k in (r["arm"], base_name))
+            r["tok_s_vs_base"] = round(r["tok_s"] / by[base_name]["tok_s"], 2)
+            r["loss_target"] = round(target, 4)
+            r["seconds_to_loss"] = round(t_ours, 1) if t_ours is not None else None
+            r["base_seconds_to_loss"] = round(t_base, 1) if t_base is not None else None
+            r["time_to_loss_vs_base"] = round(t_base / t_ours, 2) if t_ours and t_base else None
+    ours_row = by.get("ours", {})
+    ratio, time_ratio, target = (ours_row.get(k) for k in ("tok_s_vs_base", "time_to_loss_vs_base", "loss_target"))
     out = {"machine": _bench.machine(), "gemm_peak_gflop_s": gemm, "peak_rss_mb_process": _bench.peak_rss_mb(),
            "steps_per_round": a.steps, "rounds": a.rounds, "equal_tokens": int(common),
            "baseline_arm": base_name, "before_overrides": a.before,
@@ -473,12 +499,13 @@ def main() -> None:
            "curves": {k: [(int(t), round(l, 4)) for t, l in v] for k, v in curves.items()},
            "time_curves": {k: [(round(t, 1), round(l, 4)) for t, l in v] for k, v in time_curves.items()}}
     print()
-    print(_bench.table(results, ["arm", "method", "precision", "batch_size", "grad_accum", "packing", "padding_free", "optim",
-                                 "grad_ckpt", "compile", "max_length",
+    print(_bench.table(results, ["arm", "method", "precision", "batch_size", "grad_accum", "lr", "lora_dropout",
+                                 "liger", "packing", "padding_free", "optim", "grad_ckpt", "compile", "max_length",
                                  "round1_s", "tok_s", "label_tok_s", "tokens_per_step", "gflop_s", "util_fp32", "util_bf16",
-                                 "val_loss_at_equal_tokens", "val_loss_end", "seconds_to_loss"]
+                                 "val_loss_at_equal_tokens", "val_loss_end", "seconds_to_loss", "tok_s_vs_base",
+                                 "time_to_loss_vs_base"]
                         + (["cuda_peak_mb"] if torch.cuda.is_available() else [])))
-    if len(by) == 2:
+    if time_ratio is not None:
         print(f"\ntime to validation loss {target:.4f} (the higher final loss; training seconds, round 1 included): "
               f"{base_name}/ours = {time_ratio}")
     print(f"\nours/{base_name} tokens/s: {ratio}   (loss compared at {int(common)} trained tokens; first round = warm-up, "
