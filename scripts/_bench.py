@@ -52,8 +52,12 @@ def gemm_peak(n: int | None = None, repeats: int = 5) -> dict:
     n = n or (8192 if device == "cuda" else 2048)
     out = {}
     kinds = [("fp32", torch.float32)]
-    # bf16 torch.mm hung for minutes in this venv (even 256^3, first call, loaded machine): opt-in until understood.
-    if device == "cuda" or os.environ.get("BENCH_BF16_PEAK") == "1":
+    # bf16 torch.mm once hung for minutes in an older venv (even 256^3, first call, loaded machine): measured by
+    # default where the CPU computes bf16 natively (every default run there times a bf16 matmul too:
+    # finetune.core.hardware.bf16_matmul_speedup), elsewhere with BENCH_BF16_PEAK=1.
+    from finetune.core.hardware import cpu_supports_bf16
+
+    if device == "cuda" or os.environ.get("BENCH_BF16_PEAK") == "1" or cpu_supports_bf16():
         kinds.append(("bf16", torch.bfloat16))
     else:
         out["bf16"] = None

@@ -47,7 +47,8 @@ FLOPs per real token (documented formula, matmuls only):
                  forward of every layer and twice that in the backward of the layers the backward reaches,
                  summed exactly per row of each batch
 Utilisation = achieved FLOP/s / the best 2048^3 torch.mm FLOP/s (fp32 and bf16), measured in this
-process with the same thread count (on a CPU the bf16 peak only with BENCH_BF16_PEAK=1: scripts/_bench.py).
+process with the same thread count (on a CPU the bf16 peak where it computes bf16 natively, or with
+BENCH_BF16_PEAK=1: scripts/_bench.py).
 """
 
 from __future__ import annotations
