@@ -71,7 +71,6 @@ def check_eos_trained(dataset: Any, tokenizer: Any, eos_token: str, max_length: 
 
 def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: bool, best_metric: str = "") -> Any:
     """TRL's config for this method; `best_metric`: the task metric that picks the checkpoint (best_by=task)."""
-    from omegaconf import DictConfig, OmegaConf
     from trl import SFTConfig
 
     m = cfg.method
@@ -126,8 +125,7 @@ def sft_config(cfg: Config, run: RunDir, device: str, precision: str, has_eval: 
         disable_tqdm=True,  # ProgressLog prints one line per logging step instead
         dataloader_num_workers=0,
     )
-    extra = m.sft_args
-    extra = OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra or {})
+    extra = dict(m.sft_args)  # the typed Config holds it as a plain dict
     unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(SFTConfig)})
     if unknown:
         raise ConfigError(f"method.sft_args has {', '.join(unknown)}: not fields of TRL's SFTConfig "
