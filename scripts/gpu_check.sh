@@ -73,8 +73,9 @@ print("qwen-rand:", sum(p.numel() for p in model.parameters()), "parameters")
 PY
     ;;
   all)
-    # In order of what is still unknown (docs/training.md, "On the H200, 2026-12-04": the pipeline's task metric at
-    # batch 64 vs 4 first); each step runs only if the budget has its seconds left. $OUT takes 8 files: env.txt + 7.
+    # In order of what is still unknown (docs/training.md, "On the H200, 2026-12-04" and "(later)": the pipeline's
+    # task metric at batch 16 and 4 first); each step runs only if the budget has its seconds left. $OUT takes 8
+    # files: env.txt + 7.
     join_gguf "$2"
     budget=${3:-500} start=$SECONDS
     left() { echo $(( budget - (SECONDS - start) )); }
