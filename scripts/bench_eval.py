@@ -3,14 +3,16 @@
     .venv/bin/python scripts/bench_eval.py [--gguf PATH ...] [--run-dir DIR] [--n 50] [--parallel 4,8,16]
                                            [--threads N] [--max-new-tokens N] [--sample] [finetune overrides...]
     e.g. ... --run-dir runs/x --parallel 8,16,32 --threads 2
-    .venv/bin/python scripts/bench_eval.py --transformers [--constraint none|grammar|both] [--batch-size 16] ...
+    .venv/bin/python scripts/bench_eval.py --transformers [--constraint none|grammar|both] [--batch-size 16]
+                                           [--more-batch-sizes 32,64] ...
 
 With --transformers the model (RUN_DIR/merged, or the model's own weights; fp32) answers the same prompts
 through finetune.runtimes.transformers.generate_transformers twice: per-batch (continuous=False: one
 model.generate per `--batch-size` length-sorted prompts, what evaluation ran before) and continuous (finished
 answers leave the batch, waiting prompts take their slots); --constraint grammar|both: under the task's
-answer grammar. Prompts as the evaluate stage's base pass writes them (evaluate.base_few_shot shots). Same columns
-as below, and the rows whose answers differ.
+answer grammar; --more-batch-sizes adds a continuous arm per batch size (answers compared with the per-batch arm's,
+ratios against it). Prompts as the evaluate stage's base pass writes them (evaluate.base_few_shot shots). Same
+columns as below, and the rows whose answers differ.
 
 For each GGUF (--gguf, repeatable; default: every RUN_DIR/gguf/*.gguf, or the packaged GGUF of the model
 when there is no --run-dir) the same prompts are answered by
@@ -137,9 +139,11 @@ def bench_transformers(a, cfg, run_dir: Path | None, rows: list[dict], task) -> 
         grammars = {"none": [None], "grammar": [task.answer_grammar()], "both": [None, task.answer_grammar()]}
         for grammar in grammars[a.constraint]:
             reference = base_speed = None
-            for arm, continuous in (("per-batch", False), ("continuous", True)):
+            arms = [("per-batch", False, batch_size), ("continuous", True, batch_size),
+                    *((f"continuous, batch {b}", True, b) for b in a.more_batch_sizes)]
+            for arm, continuous, size in arms:
                 t0 = time.perf_counter()
-                outs = generate_transformers(model, tokenizer, prompts, stops, sampling, batch_size=batch_size,
+                outs = generate_transformers(model, tokenizer, prompts, stops, sampling, batch_size=size,
                                              grammar=grammar, continuous=continuous)
                 seconds = time.perf_counter() - t0
                 tokens = sum(o.n_tokens for o in outs)
@@ -182,6 +186,8 @@ def main() -> None:
                    "to max_new_tokens, and all that stop (found by an untimed first pass)")
     p.add_argument("--rows", default=None, help="--transformers: these test rows (0-based, comma-separated), not --n")
     p.add_argument("--batch-size", type=int, default=None, help="--transformers: default evaluate.batch_size")
+    p.add_argument("--more-batch-sizes", type=lambda v: [int(b) for b in v.split(",") if b], default=[],
+                   help="--transformers: continuous arms at these batch sizes too, e.g. 32,64")
     p.add_argument("overrides", nargs="*", help="finetune overrides, e.g. model=qwen2.5-0.5b task=classification")
     a = p.parse_args()
     if a.transformers:
