@@ -16,7 +16,10 @@ rows, teacher-forced on the reference answers: mean KL divergence (nats) and top
 `llama-perplexity --kl-divergence` reports them. --imatrix-ab also quantizes the merged model's f16 GGUF to
 each low-bit type of the run (Q4_K_M if none) with and without an importance matrix of 128 training
 examples (finetune.export.imatrix) into a temporary folder, and scores those files alongside: the A/B of
-export.gguf.imatrix_samples on the same model.
+export.gguf.imatrix_samples on the same model. --variant LABEL=QUANT:JSON (repeatable) quantizes the same f16
+GGUF to QUANT with the per-tensor overrides JSON ({tensor-name regex: ggml type}, as export.gguf.tensor_types
+gives them; the first regex that matches a tensor decides its type, so list the narrow ones first) and scores
+it alongside, e.g. --variant 'trained8=Q4_K_M:{"blk\\.(1[2-9]|2[0-9])\\.": "Q8_0", "ffn_down": "Q6_K"}'.
 """
 
 from __future__ import annotations
@@ -73,7 +76,33 @@ def answer_positions(cfg, run, tokenizer, rows: int) -> list[tuple[list[int], in
     return out
 
 
-def kl_rows(run_dir: Path, rows: int, imatrix_ab: bool) -> None:
+def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
+    """--variant LABEL=QUANT:JSON -> (label, quant type, {regex: ggml type})."""
+    label, sep, rest = text.partition("=")
+    quant, sep2, overrides = rest.partition(":")
+    if not (sep and sep2 and label and quant):
+        raise SystemExit(f"--variant {text!r}: expected LABEL=QUANT:JSON, "
+                         f"e.g. 'v8=Q4_K_M:{{\"attn_v\": \"Q8_0\"}}'")
+    try:
+        types = json.loads(overrides)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--variant {label}: the overrides are not JSON ({e}): {overrides!r}") from None
+    if not isinstance(types, dict):
+        raise SystemExit(f"--variant {label}: the overrides must be a JSON object, got {overrides!r}")
+    return label, quant, {str(k): str(v) for k, v in types.items()}
+
+
+def matrix_types(path: Path) -> str:
+    """How many of the file's matrices (2-D tensors) are in each ggml type, e.g. "Q5_0 x150, Q6_K x30"."""
+    from collections import Counter
+
+    import gguf
+
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) >= 2)
+    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
+
+
+def kl_rows(run_dir: Path, rows: int, imatrix_ab: bool, variants: list[tuple[str, str, dict[str, str]]]) -> None:
     import tempfile
 
     import numpy as np
@@ -102,11 +131,15 @@ def kl_rows(run_dir: Path, rows: int, imatrix_ab: bool) -> None:
             reference.append(torch.log_softmax(logits, -1).numpy())
     files = {quant_of(path) or path.stem: path for path in sorted(run.gguf_dir.glob("*.gguf"))}
     with tempfile.TemporaryDirectory() as tmp:
+        f16 = Path(tmp) / "f16.gguf"
+        if imatrix_ab or variants:
+            convert_hf_to_gguf(run.merged_dir, f16, "f16", gguf_model_name(cfg))
+        for label, quant, types in variants:
+            files[label] = Path(tmp) / f"variant-{len(files)}.gguf"
+            quantize_gguf(f16, files[label], quant, tensor_types=types)
         if imatrix_ab:
             stats, _ = activation_stats(model, calibration_rows(cfg, run, tokenizer, 128, cfg.method.max_length))
             np.savez(Path(tmp) / "imatrix.npz", **stats)
-            f16 = Path(tmp) / "f16.gguf"
-            convert_hf_to_gguf(run.merged_dir, f16, "f16", gguf_model_name(cfg))
             for quant in [q for q in files if q in USES_IMATRIX] or ["Q4_K_M"]:
                 for label, imatrix in (("with", Path(tmp) / "imatrix.npz"), ("without", None)):
                     files[f"{quant} {label} imatrix"] = Path(tmp) / f"{quant}-{label}.gguf"
@@ -126,10 +159,11 @@ def kl_rows(run_dir: Path, rows: int, imatrix_ab: bool) -> None:
                     positions += len(ref)
             table.append({"gguf": name, "mean_kl": round(kl / positions, 5),
                           "top1_agreement": round(agree / positions, 4), "positions": positions,
-                          "rows": len(examples), "size_MB": round(path.stat().st_size / 2**20, 1)})
+                          "rows": len(examples), "size_MB": round(path.stat().st_size / 2**20, 1),
+                          "matrix_types": matrix_types(path)})
     print(f"run {run_dir} ({ident['task']}): next-token fidelity to the merged fp32 model on the answers of "
           f"{len(examples)} test rows, teacher-forced")
-    print(_bench.table(table, ["gguf", "mean_kl", "top1_agreement", "positions", "rows", "size_MB"]))
+    print(_bench.table(table, ["gguf", "mean_kl", "top1_agreement", "positions", "rows", "size_MB", "matrix_types"]))
     _bench.emit({"run_dir": str(run_dir), "mode": "kl", "machine": _bench.machine(), "rows": table})
 
 
@@ -140,11 +174,13 @@ def main() -> None:
     p.add_argument("--kl", action="store_true", help="next-token fidelity to the merged model instead (see above)")
     p.add_argument("--rows", type=int, default=50, help="--kl: test rows (default 50)")
     p.add_argument("--imatrix-ab", action="store_true", help="--kl: also score GGUFs quantized with and without one")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=QUANT:JSON",
+                   help="--kl: also score the merged model quantized to QUANT with these tensor type overrides")
     p.add_argument("overrides", nargs="*", help="overrides for the evaluate stage, e.g. evaluate.max_examples=50")
     a = p.parse_args()
     run_dir = a.run_dir.resolve()
     if a.kl:
-        kl_rows(run_dir, a.rows, a.imatrix_ab)
+        kl_rows(run_dir, a.rows, a.imatrix_ab, [parse_variant(v) for v in a.variant])
         return
     metrics_path = run_dir / "metrics.json"
     want = expected_models(run_dir)
