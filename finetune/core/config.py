@@ -226,7 +226,7 @@ class GGUFConfig:
     # 4 GB). 0: none. Off by default: for SmolLM2-135M it made Q4_K_M worse (docs/quantization.md).
     imatrix_samples: int = 0
     # Per quant type, {GGUF tensor-name regex: ggml type}: llama.cpp's overrides (llama-quantize --tensor-type);
-    # conf/export: {Q4_K_M: {ffn_down: Q6_K}}; the file keeps its name (docs/quantization.md). {}: llama.cpp's mix.
+    # conf/export: {Q4_K_M: {ffn_down: Q6_K, attn_k/attn_v: Q8_0}}; the file keeps its name (docs/quantization.md).
     tensor_types: Dict[str, Dict[str, str]] = field(default_factory=dict)
 
 
