@@ -18,8 +18,9 @@ each low-bit type of the run (Q4_K_M if none) with and without an importance mat
 examples (finetune.export.imatrix) into a temporary folder, and scores those files alongside: the A/B of
 export.gguf.imatrix_samples on the same model. --variant LABEL=QUANT:JSON (repeatable) quantizes the same f16
 GGUF to QUANT with the per-tensor overrides JSON ({tensor-name regex: ggml type}, as export.gguf.tensor_types
-gives them; the first regex that matches a tensor decides its type, so list the narrow ones first) and scores
-it alongside, e.g. --variant 'trained8=Q4_K_M:{"blk\\.(1[2-9]|2[0-9])\\.": "Q8_0", "ffn_down": "Q6_K"}'.
+gives them; keep the regexes disjoint: which of two that match one tensor wins is llama.cpp's rule, and it has
+changed between its versions) and scores it alongside; the table's last column, read back from each file,
+shows what the overrides did. E.g. --variant 'kv8=Q4_K_M:{"attn_k|attn_v": "Q8_0", "ffn_down": "Q6_K"}'.
 """
 
 from __future__ import annotations
@@ -89,7 +90,14 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
         raise SystemExit(f"--variant {label}: the overrides are not JSON ({e}): {overrides!r}") from None
     if not isinstance(types, dict):
         raise SystemExit(f"--variant {label}: the overrides must be a JSON object, got {overrides!r}")
-    return label, quant, {str(k): str(v) for k, v in types.items()}
+    from types import SimpleNamespace
+
+    from finetune.export.converter import gguf_config_problems, normalize_quant_type
+
+    problems = gguf_config_problems(SimpleNamespace(quant_types=[], tensor_types={quant: types}))
+    if problems:  # before the minutes of reference logits, not after them
+        raise SystemExit(f"--variant {label}: " + "; ".join(problems))
+    return label, normalize_quant_type(quant), {str(k): str(v).upper() for k, v in types.items()}
 
 
 def matrix_types(path: Path) -> str:
@@ -121,6 +129,11 @@ def kl_rows(run_dir: Path, rows: int, imatrix_ab: bool, variants: list[tuple[str
     ident = json.loads((run_dir / "run.json").read_text())
     cfg = compose([f"model={ident['model']}", f"task={ident['task']}", f"method={ident['method']}"])
     run = RunDir(run_dir)
+    files = {quant_of(path) or path.stem: path for path in sorted(run.gguf_dir.glob("*.gguf"))}
+    labels = [label for label, _, _ in variants]
+    taken = [label for i, label in enumerate(labels) if label in files or label in labels[:i]]
+    if taken:
+        raise SystemExit(f"--variant {taken[0]}: the name of another file in the table; choose another label")
     tokenizer = load_tokenizer(cfg.model, path=str(run.merged_dir))
     model = AutoModelForCausalLM.from_pretrained(run.merged_dir, dtype=torch.float32).eval()
     examples = answer_positions(cfg, run, tokenizer, rows)
@@ -129,7 +142,6 @@ def kl_rows(run_dir: Path, rows: int, imatrix_ab: bool, variants: list[tuple[str
         for ids, n_prompt in examples:
             logits = model(input_ids=torch.tensor([ids])).logits[0, n_prompt - 1:len(ids) - 1].float()
             reference.append(torch.log_softmax(logits, -1).numpy())
-    files = {quant_of(path) or path.stem: path for path in sorted(run.gguf_dir.glob("*.gguf"))}
     with tempfile.TemporaryDirectory() as tmp:
         f16 = Path(tmp) / "f16.gguf"
         if imatrix_ab or variants:
@@ -179,6 +191,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="overrides for the evaluate stage, e.g. evaluate.max_examples=50")
     a = p.parse_args()
     run_dir = a.run_dir.resolve()
+    if a.variant and not a.kl:
+        p.error("--variant needs --kl")
     if a.kl:
         kl_rows(run_dir, a.rows, a.imatrix_ab, [parse_variant(v) for v in a.variant])
         return
