@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 where the CPU computes it natively (as training does), else fp32")
     a = p.parse_args()
+    if not 0 < 2 * a.window <= a.seconds:
+        p.error(f"--seconds {a.seconds:g} must hold at least two windows of --window {a.window:g} s")
 
     import torch
 
