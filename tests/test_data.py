@@ -275,6 +275,25 @@ def test_bad_rows_stop_the_stage_by_default_each_with_file_and_line(tmp_path):
     assert not (tmp_path / "run" / "data").exists()
 
 
+def test_classification_label_set_is_learned_from_the_training_split(tmp_path, tokenizer):
+    kinds = ["NUM", "HUM", "LOC", "NUM", "DESC"] * 8  # no task.labels: the set comes from the training answers
+    rows = [{"input": f"question {i}?", "output": kind} for i, kind in enumerate(kinds)]
+    path = write_jsonl(tmp_path / "questions.jsonl", rows)
+    summary, run, report = run_prepare(custom(path, "task.kind=classification"), tmp_path, tokenizer)
+    train = [r["reference"] for r in read_rows(run.data_dir / "train.jsonl")]
+    counts = {label: train.count(label) for label in set(train)}
+    assert set(report["labels"]) == {"NUM", "HUM", "LOC", "DESC"} and report["labels"][0] == "NUM"
+    assert report["label_counts_train"] == counts and summary["labels"] == report["labels"]
+    assert report["labels_from"] == "the training answers (task.labels empty)"
+    # The later stages (train, export, evaluate) ask for the same set: the answer constraint is the learned set.
+    task = run_task(compose(custom(path, "task.kind=classification")).task, run)
+    assert task.labels == report["labels"] and task.answer_constraint() == report["labels"]
+    # One label in all the training answers: nothing to learn to tell apart, said before any training.
+    single = write_jsonl(tmp_path / "one.jsonl", [{"input": f"q {i}", "output": "NUM"} for i in range(20)])
+    msg = error_of(custom(single, "task.kind=classification"), tmp_path)
+    assert "1 distinct label(s) ['NUM']" in msg and "task.labels=[a,b,...]" in msg
+
+
 def test_hub_dataset_offline_is_a_clear_error(tmp_path):
     msg = error_of(["task=custom", "task.data.hub_dataset=someone/some-data"], tmp_path)
     assert "hub dataset 'someone/some-data': cannot load" in msg and "task.data.path" in msg

@@ -207,8 +207,37 @@ def test_classification_data_labels_must_be_in_the_set():
     with pytest.raises(BadExample, match="'Spam' is not in") as exc:
         task.check_output("Spam")
     assert exc.value.kind == "label_not_in_set"
-    with pytest.raises(ValueError, match="no label set"):
-        task_for("task.kind=classification")
+    learned = task.learn_from_train(["ham", "spam", "ham"])
+    assert learned == {"labels": ["ham", "spam"], "labels_from": "task.labels",
+                       "label_counts_train": {"ham": 2, "spam": 1}}
+
+
+def test_classification_learns_its_label_set_from_the_training_answers():
+    task = task_for("task.kind=classification")  # no task.labels: any label, the set learned from training
+    assert task.check_output("Spam") == "Spam" and task.check_output(7) == "7"
+    learned = task.learn_from_train(["LOC", "HUM", "NUM", "HUM", "NUM", "HUM", "ABBR"])
+    assert task.labels == learned["labels"] == ["HUM", "NUM", "LOC", "ABBR"]  # most frequent first, ties in order
+    assert learned["label_counts_train"] == {"HUM": 3, "NUM": 2, "LOC": 1, "ABBR": 1}
+    assert learned["labels_from"] == "the training answers (task.labels empty)"
+    assert task.parse("hum.") == "HUM" and task.parse("DESC") is None  # parsed against the learned set
+    assert task.answer_constraint() == ["HUM", "NUM", "LOC", "ABBR"]
+    metrics, _ = task.score(["HUM", "LOC", "DESC"], ["HUM", "NUM", "LOC"])  # DESC never in training: a miss
+    assert metrics["accuracy"] == pytest.approx(1 / 3) and set(metrics) >= {"f1_ABBR", "f1_HUM"}
+    # macro-F1 over the labels the references or answers hold (no test row of ABBR: not a zero), as scikit-learn
+    from sklearn.metrics import f1_score
+
+    refs = ["HUM", "NUM", "LOC", "HUM", "DESC", "NUM", "HUM", "LOC"]
+    outs = ["HUM", "NUM", "HUM", "human", "NUM", "no idea", "LOC", "LOC"]
+    metrics, rows = task.score(refs, outs)
+    present = ["HUM", "NUM", "LOC", "DESC"]
+    parsed = [r["parsed"] or "(invalid)" for r in rows]
+    assert metrics["macro_f1"] == pytest.approx(f1_score(refs, parsed, labels=present, average="macro"))
+    assert metrics["f1_ABBR"] == 0.0 and metrics["f1_DESC"] == 0.0
+    assert metrics["invalid_rate"] == 2 / 8  # "no idea", and "human": the label is HUM
+    with pytest.raises(ConfigError, match=r"1 distinct label\(s\) \['ham'\].*task.labels=\[a,b,...\]"):
+        task_for("task.kind=classification").learn_from_train(["ham", "ham"])
+    with pytest.raises(ConfigError, match="not distinct after case"):
+        task_for("task.kind=classification").learn_from_train(["Spam", "spam", "ham"])
 
 
 # ---- generation ------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ class TaskConfig:
     # extraction: every string value must be pieces copied from the input (a per-row JSON-schema pattern,
     # finetune.tasks.copying). None: on when the training answers copy their inputs (98% of them or more).
     copy_values: Optional[bool] = None
-    labels: List[str] = field(default_factory=list)  # classification
+    labels: List[str] = field(default_factory=list)  # classification; [] = the training answers' labels
     # Non-LLM baseline on the test split, the fair one ("specialist" in metrics.json). None: the kind's
     # default (classification: tfidf_logreg, generation: lead = first sentence, extraction: crf, a CRF
     # tagger of the answer's spans trained on the train split); "none" turns it off.

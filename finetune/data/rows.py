@@ -25,10 +25,13 @@ from finetune.tasks import Task, get_task
 
 def run_task(cfg_task: TaskConfig, run: RunDir) -> Task:
     """The task as the data stage settled it for this run (extraction: the field list in the data's key
-    order, learned from the training answers), so later stages ask for the answers the model was trained on."""
+    order, learned from the training answers; classification: the label set, given or learned), so later
+    stages ask for the answers the model was trained on."""
     if not run.validation_report_path.is_file():
         return get_task(cfg_task)
     report = json.loads(run.validation_report_path.read_text())
+    if report.get("labels"):  # classification: the label set, given or learned
+        return get_task(dataclasses.replace(cfg_task, labels=list(report["labels"])))
     if not report.get("fields"):
         return get_task(cfg_task)
     schema = dict(cfg_task.json_schema or {})

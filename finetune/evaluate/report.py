@@ -13,6 +13,7 @@ from typing import Any
 from finetune.core.config import Config
 from finetune.core.files import write_text_atomic
 from finetune.core.rundir import RunDir
+from finetune.data.rows import run_task
 from finetune.evaluate.metrics import (
     INFO_KEYS,
     SPEED_KEYS,
@@ -192,7 +193,7 @@ def write_report(cfg: Config, run: RunDir, metrics: dict) -> dict[str, str]:
         ok = [n for n, e in metrics["models"].items() if "error" not in e]
         name = next((n for n in ("finetuned", "merged", "base") if n in ok), ok[0] if ok else None)
         preds = read_predictions(run, name) if name else []
-        confusion = plot_confusion(preds, list(cfg.task.labels), f"{name} on {metrics['task']}",
+        confusion = plot_confusion(preds, list(run_task(cfg.task, run).labels), f"{name} on {metrics['task']}",
                                    run.plots_dir / "confusion_matrix.png")
         if confusion:
             files["confusion_matrix"] = str(confusion)

@@ -4,14 +4,16 @@ Parsing is forgiving about the form of a label: case, surrounding quotes/bracket
 trailing period, a code fence, a "Label:" prefix, or an explanation after the label on the first
 line or after the first word ("Spam - it offers a prize"). Anything else is invalid (parse -> None):
 "not spam" is not read as spam.
-Scoring: accuracy; macro_f1 over the task's labels, where an invalid answer is a miss for the true
-label and a false positive for none; invalid_rate; f1_<label> per label. The headline is macro_f1:
-with imbalanced classes (SMS spam is 87% ham) always answering the majority label scores 0.87
+Scoring: accuracy; macro_f1 over the labels the references or answers hold (scikit-learn's rule), where an
+invalid answer is a miss for the true label and a false positive for none; invalid_rate; f1_<label> per
+label. The label set is task.labels or, empty, the training answers' labels (learn_from_train). The headline
+is macro_f1: with imbalanced classes (SMS spam is 87% ham) always answering the majority label scores 0.87
 accuracy but only ~0.47 macro-F1.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Any
 
@@ -31,15 +33,34 @@ class ClassificationTask(Task):
 
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
+        # The label set. Empty: any label, and the set is learned from the training split (learn_from_train).
         self.labels = [str(label) for label in (cfg.labels or [])]
-        if not self.labels:
-            raise ConfigError(
-                f"task {self.name} (kind classification) has no label set: set task.labels=[a,b,...] "
-                f"(conf/task/{self.name}.yaml)"
-            )
+        self.labels_given = bool(self.labels)
+        self._index_labels()
+
+    def _index_labels(self) -> None:
         self._by_norm = {self._norm(label): label for label in self.labels}
         if len(self._by_norm) != len(self.labels):
             raise ConfigError(f"task {self.name}: labels {self.labels} are not distinct after case/punctuation folding")
+
+    def learn_from_train(self, train_references: list[str], train_inputs: list[str | None] | None = None) -> dict:
+        """With task.labels empty, the label set is the training answers' distinct labels, most frequent first
+        (ties in order of appearance); a label only the validation or test rows hold cannot be learned, and
+        is then a miss wherever it is the reference. The data stage's report lists the set and each label's
+        count in the training split."""
+        counts = collections.Counter(train_references)
+        if not self.labels_given:
+            self.labels = sorted(counts, key=lambda label: -counts[label])  # stable: ties keep appearance order
+            if len(self.labels) < 2:
+                raise ConfigError(
+                    f"task {self.name} (kind classification): the training answers hold {len(self.labels)} "
+                    f"distinct label(s) {self.labels}, so there is nothing to tell apart; set "
+                    f"task.labels=[a,b,...] or check the data's output column")
+            self._index_labels()
+        self.learned = {"labels": list(self.labels), "labels_from": "task.labels" if self.labels_given
+                        else "the training answers (task.labels empty)",
+                        "label_counts_train": {label: counts.get(label, 0) for label in self.labels}}
+        return self.learned
 
     @staticmethod
     def _norm(text: str) -> str:
@@ -50,7 +71,7 @@ class ClassificationTask(Task):
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise BadExample("wrong_type", f"label should be a string, got {type(value).__name__}")
         label = str(value).strip()
-        if label not in self.labels:
+        if self.labels_given and label not in self.labels:
             raise BadExample("label_not_in_set", f"label {label!r} is not in the task's labels {self.labels}")
         return label
 
@@ -84,15 +105,20 @@ class ClassificationTask(Task):
             rows.append({"parsed": p, "correct": p == reference, "valid": p is not None})
         n = len(outputs)
         metrics: dict[str, float] = {"n": n}
+        # Every label of the set, and any reference label the set lacks (one the training split never held):
+        # the macro average is over the labels the references or the answers hold, as scikit-learn's
+        # f1_score(average="macro") takes them, so a label with no test row is not an automatic zero.
+        classes = self.labels + [r for r in dict.fromkeys(references) if r not in self.labels]
         per_label = {}
-        for label in self.labels:
+        for label in classes:
             tp = sum(1 for r, p in zip(references, parsed) if r == label and p == label)
             fp = sum(1 for r, p in zip(references, parsed) if r != label and p == label)
             fn = sum(1 for r, p in zip(references, parsed) if r == label and p != label)
             precision = tp / (tp + fp) if tp + fp else 0.0
             recall = tp / (tp + fn) if tp + fn else 0.0
             per_label[label] = f1(precision, recall)
-        metrics["macro_f1"] = sum(per_label.values()) / len(per_label)
+        present = [label for label in classes if label in references or label in parsed]
+        metrics["macro_f1"] = sum(per_label[label] for label in present) / len(present) if present else 0.0
         metrics["accuracy"] = sum(r["correct"] for r in rows) / n if n else 0.0
         metrics["invalid_rate"] = sum(not r["valid"] for r in rows) / n if n else 0.0
         metrics.update({f"f1_{label}": value for label, value in per_label.items()})
