@@ -284,6 +284,17 @@ def test_tfidf_baseline(bundled):
     assert metrics["accuracy"] > 0.97 and metrics["macro_f1"] > 0.93  # measured: 0.983 / 0.955
 
 
+def test_tfidf_baseline_with_more_than_two_labels():
+    task = task_for("task.kind=classification")  # labels learned, as a user's own data gives them
+    stems = {"human": "who wrote", "location": "where is", "number": "how many"}
+    things = ["the bridge", "the song", "the treaty", "the river", "the novel", "the tower", "the anthem", "the map"]
+    rows = [{"input": f"{stem} {thing} ?", "reference": label} for label, stem in stems.items() for thing in things]
+    task.learn_from_train([r["reference"] for r in rows])
+    test = [{"input": f"{stem} the castle ?", "reference": label} for label, stem in stems.items()]
+    outputs = task.specialist_baseline(rows, test)
+    assert outputs == ["human", "location", "number"]
+
+
 def test_lead_baseline(bundled):
     task, rows = bundled["summarization"]
     outputs = task.specialist_baseline(rows["train"], rows["test"])

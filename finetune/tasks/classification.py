@@ -126,11 +126,13 @@ class ClassificationTask(Task):
 
     # ---- baseline -----------------------------------------------------------------------
     def baseline(self, name: str, train_rows: list[dict], test_rows: list[dict]) -> tuple[list[str], dict] | None:
-        """tfidf_logreg: TF-IDF word 1-2-grams + logistic regression, fitted on the train split."""
+        """tfidf_logreg: TF-IDF word 1-2-grams + logistic regression (one-vs-rest for more than two labels),
+        fitted on the train split."""
         if name != "tfidf_logreg":
             return super().baseline(name, train_rows, test_rows)
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
+        from sklearn.multiclass import OneVsRestClassifier
         from sklearn.pipeline import make_pipeline
 
         texts = [self.input_of(r) for r in train_rows]
@@ -138,9 +140,9 @@ class ClassificationTask(Task):
         info = {"train_rows": len(train_rows)}
         if len(set(labels)) < 2:
             return [labels[0] if labels else self.labels[0]] * len(test_rows), info
-        model = make_pipeline(
-            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-            LogisticRegression(C=10.0, solver="liblinear"),
-        )
+        classifier = LogisticRegression(C=10.0, solver="liblinear")
+        if len(set(labels)) > 2:  # one-vs-rest, as liblinear did by itself before scikit-learn 1.8 refused it
+            classifier = OneVsRestClassifier(classifier)
+        model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), classifier)
         model.fit(texts, labels)
         return [str(p) for p in model.predict([self.input_of(r) for r in test_rows])], info
