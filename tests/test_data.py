@@ -17,6 +17,8 @@ from finetune.core.errors import FinetuneError
 from finetune.core.rundir import RunDir
 from finetune.data.prepare import Report, prepare, split_task_data
 from finetune.data.rows import read_rows, run_task, tokenize_row
+from finetune.data.sources import read_records
+from finetune.evaluate.metrics import read_predictions, write_predictions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,6 +233,26 @@ def error_of(overrides: list[str], tmp_path: Path) -> str:
     with pytest.raises(FinetuneError) as exc:
         prepare(compose(overrides), RunDir(tmp_path / "run"), tokenizer=None)
     return str(exc.value)
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    # U+0085 and U+2028 are line breaks to str.splitlines() but plain characters inside a JSON string, which
+    # json.dumps(..., ensure_ascii=False) writes unescaped (the Rotten Tomatoes snippets hold U+0085).
+    text = "interwoven\u0085 [the film] addresses\u2028 a fascinating , intelligent manner"
+    rows = [{"input": text, "output": "positive"}, {"input": "dull", "output": "negative"}]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert "\u0085" in path.read_text(encoding="utf-8")  # written raw, as a user's tools write it
+    records = read_records(path)
+    assert [(r.row, r.data["input"]) for r in records] == [(1, text), (2, "dull")]
+    with path.open("a", encoding="utf-8") as f:
+        f.write('{"input": "broken\n')
+    assert error_of(custom(path), tmp_path).startswith(f"{path}:3: not valid JSON")  # line numbers as an editor's
+    # The evaluate stage's predictions files read back the same way.
+    run = RunDir(tmp_path / "run")
+    run.predictions_dir.mkdir(parents=True)
+    write_predictions(run, "finetuned", [{"input": text, "output": "positive"}])
+    assert read_predictions(run, "finetuned") == [{"input": text, "output": "positive"}]
 
 
 def test_non_utf8_is_fatal_with_line_and_column(tmp_path):

@@ -120,7 +120,9 @@ def read_records(path: Path) -> list[Record]:
     text = decode_utf8(raw, path)
     if path.suffix == ".jsonl":
         records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and the like, which JSON
+        # writes unescaped inside strings (json.dumps(..., ensure_ascii=False)), and would cut such a row.
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -77,7 +77,8 @@ def read_predictions(run: RunDir, name: str) -> list[dict]:
     path = run.predictions_dir / f"{name}.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # "\n" only: splitlines() would also cut a line at an unescaped U+0085 or U+2028 inside a JSON string.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def read_json(path: Path) -> Any:
