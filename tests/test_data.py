@@ -310,6 +310,13 @@ def test_classification_label_set_is_learned_from_the_training_split(tmp_path, t
     # The later stages (train, export, evaluate) ask for the same set: the answer constraint is the learned set.
     task = run_task(compose(custom(path, "task.kind=classification")).task, run)
     assert task.labels == report["labels"] and task.answer_constraint() == report["labels"]
+    assert report["labels_outside_training"] == {}
+    # A label only the test file holds cannot be learned: the report counts it per split.
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:30])
+    test = write_jsonl(tmp_path / "test.jsonl", [*rows[30:], {"input": "what does NASA stand for?", "output": "ABBR"}])
+    _, _, report = run_prepare(["task=custom", "task.kind=classification", f"task.data.train_path={train}",
+                                f"task.data.test_path={test}"], tmp_path / "split-files", tokenizer)
+    assert report["labels_outside_training"] == {"ABBR": {"test": 1}} and "ABBR" not in report["labels"]
     # One label in all the training answers: nothing to learn to tell apart, said before any training.
     single = write_jsonl(tmp_path / "one.jsonl", [{"input": f"q {i}", "output": "NUM"} for i in range(20)])
     msg = error_of(custom(single, "task.kind=classification"), tmp_path)

@@ -229,6 +229,7 @@ def split_task_data(cfg_task: TaskConfig, report: Report | None = None) -> tuple
     splits = _assign_splits(sources, cfg_task.data)
     _remove_leaks(splits, report)
     task.learn_from_train([e.reference for e in splits["train"]], [e.input for e in splits["train"]])
+    task.check_held_out({s: [e.reference for e in splits[s]] for s in SPLITS if s != "train"})
     rendered = {s: [render_row(task, e) for e in splits[s]] for s in SPLITS}
     return task, splits, rendered, sum(len(v) for v in sources.values())
 

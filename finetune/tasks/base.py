@@ -117,6 +117,10 @@ class Task:
         for the data stage's report."""
         return self.learned
 
+    def check_held_out(self, references: dict[str, list]) -> None:
+        """After learn_from_train: note in `learned` what the validation/test references ({split: [reference]})
+        hold that training did not (classification: labels the model cannot have learned)."""
+
     def answer_text(self, reference: Any) -> str:
         """The assistant turn the model is trained to write for this reference."""
         raise NotImplementedError

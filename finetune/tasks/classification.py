@@ -14,6 +14,7 @@ accuracy but only ~0.47 macro-F1.
 from __future__ import annotations
 
 import collections
+import logging
 import re
 from typing import Any
 
@@ -21,6 +22,7 @@ from finetune.core.config import TaskConfig
 from finetune.core.errors import ConfigError
 from finetune.tasks.base import BadExample, Task, f1, normalize_text, strip_fences
 
+log = logging.getLogger("finetune")
 _PREFIX = re.compile(r"^(?:the\s+)?(?:answer|label|category|class|classification)\s*(?:is)?\s*[:=-]?\s*", re.I)
 _EDGES = " \t\n\"'`*_()[]{}<>.!?,;:"
 
@@ -61,6 +63,20 @@ class ClassificationTask(Task):
                         else "the training answers (task.labels empty)",
                         "label_counts_train": {label: counts.get(label, 0) for label in self.labels}}
         return self.learned
+
+    def check_held_out(self, references: dict[str, list]) -> None:
+        """Labels of validation/test rows that the learned set lacks (given labels reject such rows on reading):
+        counted per split in the report (`labels_outside_training`) and warned about; each is a miss."""
+        outside: dict[str, dict[str, int]] = {}
+        for split, labels in references.items():
+            for label in labels:
+                if label not in self.labels:
+                    outside.setdefault(label, {}).setdefault(split, 0)
+                    outside[label][split] += 1
+        if outside:
+            log.warning("[data] task %s: labels %s are in held-out rows but in no training answer: the model cannot "
+                        "learn them, and each such row is a miss", self.name, sorted(outside))
+        self.learned["labels_outside_training"] = outside
 
     @staticmethod
     def _norm(text: str) -> str:
