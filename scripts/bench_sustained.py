@@ -5,8 +5,8 @@
 The work never changes (the same tensors, shapes of one decoder MLP on a training step's 346 tokens: SmolLM2-135M's
 576 -> 1536 -> 576, plus a weight-gradient product), so any drift in its rate is the machine's: clock, turbo budget,
 a VM's neighbours; not the training state, the allocator or the data. Printed per window: iterations per second
-and the ratio against the first window; last line: JSON with the machine and every window. Run it on a quiet
-machine (nothing else heavy): the budgeted training of `python -m finetune` revises its step count from the
+and the ratio against the first window; last line: `JSON {...}` (as every scripts/bench_*.py prints it) with the
+machine and every window. Run it on a quiet machine (nothing else heavy): the budgeted training of `python -m finetune` revises its step count from the
 seconds per step it sees, so a machine that slows after a minute or two trains fewer steps than its first steps
 promised.
 """
@@ -14,7 +14,6 @@ promised.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -77,7 +76,7 @@ def main() -> None:
     summary["second_half_vs_first_half"] = round(summary["second_half_mean"] / summary["first_half_mean"], 3)
     print(f"second half / first half: {summary['second_half_vs_first_half']:.2f}x; "
           f"slowest window / first: {min(rates) / rates[0]:.2f}x")
-    print(json.dumps({"machine": _bench.machine(), "dtype": dtype_name, "summary": summary, "windows": windows}))
+    _bench.emit({"machine": _bench.machine(), "dtype": dtype_name, "summary": summary, "windows": windows})
 
 
 if __name__ == "__main__":
