@@ -67,16 +67,15 @@ class ClassificationTask(Task):
     def check_held_out(self, references: dict[str, list]) -> None:
         """Labels of validation/test rows that the learned set lacks (given labels reject such rows on reading):
         counted per split in the report (`labels_outside_training`) and warned about; each is a miss."""
-        outside: dict[str, dict[str, int]] = {}
+        outside: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for split, labels in references.items():
             for label in labels:
                 if label not in self.labels:
-                    outside.setdefault(label, {}).setdefault(split, 0)
                     outside[label][split] += 1
         if outside:
             log.warning("[data] task %s: labels %s are in held-out rows but in no training answer: the model cannot "
                         "learn them, and each such row is a miss", self.name, sorted(outside))
-        self.learned["labels_outside_training"] = outside
+        self.learned["labels_outside_training"] = {label: dict(splits) for label, splits in outside.items()}
 
     @staticmethod
     def _norm(text: str) -> str:
