@@ -120,13 +120,55 @@ def test_prepare_writes_contract_rows(tmp_path, tokenizer):
     assert [r["id"] for r in read_rows(run.data_dir / "train.jsonl")] == [r["id"] for r in full["train"][:50]]
 
 
-def test_too_long_examples_are_dropped_from_training(tmp_path, tokenizer):
-    summary, run, report = run_prepare(["task=summarization", "method.max_length=300"], tmp_path, tokenizer)
+def test_too_long_examples_are_dropped_from_training_when_asked(tmp_path, tokenizer):
+    overrides = ["task=summarization", "method.max_length=300", "task.data.too_long=drop"]
+    summary, run, report = run_prepare(overrides, tmp_path, tokenizer)
     too_long = report["problems"]["too_long_train"]
-    assert 0 < too_long < 800 and summary["train"] == 800 - too_long
+    assert 0 < too_long < 800 and summary["train"] == 800 - too_long and report["too_long"] == "drop"
     assert report["problems"].get("too_long_test", 0) > 0 and summary["test"] == 100  # test keeps them
     issue = next(i for i in report["issues"] if i["kind"] == "too_long_train")
     assert issue["file"].endswith("bbc_headlines.jsonl") and issue["row"] >= 1 and "> method.max_length=300" in issue["message"]
+
+
+def test_too_long_inputs_are_cut_to_fit_by_default_except_for_extraction(tmp_path, tokenizer):
+    """auto: a summary's article loses its end (a word boundary, the headline and instruction whole) instead of
+    its row; test rows stay whole; extraction drops (a cut could take away the words its answer copies)."""
+    from finetune.data.rows import count_tokens
+
+    cfg = compose(["task=summarization", "method.max_length=300"])
+    summary, run, report = run_prepare(["task=summarization", "method.max_length=300"], tmp_path / "s", tokenizer)
+    cut = report["problems"]["truncated_train"]
+    assert report["too_long"] == "truncate" and 0 < cut < 800 and "too_long_train" not in report["problems"]
+    assert summary["train"] == 800 and summary["dropped"] == {} and report["problems"]["too_long_test"] > 0
+    assert report["rows_read"] == report["rows_usable"] == 1000
+    _, _, whole, _ = split_task_data(cfg.task)
+    rows = read_rows(run.data_dir / "train.jsonl")
+    assert [r["id"] for r in rows] == [r["id"] for r in whole["train"]]
+    assert max(count_tokens(rows, tokenizer, cfg.model)) <= 300
+    task = run_task(cfg.task, run)
+    shortened = 0
+    for row, original in zip(rows, whole["train"]):
+        assert row["completion"] == original["completion"] and row["input"] == original["input"]
+        assert row["prompt"][:-1] == original["prompt"][:-1]  # the system prompt
+        kept = task.input_of({"prompt": row["prompt"]})
+        if kept != original["input"]:
+            shortened += 1
+            rest = original["input"][len(kept):]
+            assert original["input"].startswith(kept) and kept and rest[:1].isspace()  # whole words only
+    assert shortened == cut
+    issue = next(i for i in report["issues"] if i["kind"] == "truncated_train")
+    assert "> method.max_length=300: input cut to" in issue["message"]
+
+    summary, _, report = run_prepare(["task=extraction", "method.max_length=140"], tmp_path / "e", tokenizer)
+    assert report["too_long"] == "drop" and "truncated_train" not in report["problems"]
+    assert summary["train"] == 1190 - report["problems"]["too_long_train"] < 1190
+
+
+def test_no_row_fits_says_what_to_change(tmp_path, tokenizer):
+    with pytest.raises(FinetuneError, match=r"every one is longer than method.max_length=40.*too_long=truncate"):
+        run_prepare(["task=extraction", "method.max_length=40"], tmp_path / "e", tokenizer)
+    with pytest.raises(FinetuneError, match=r"max_length=40.*even with its input cut away none fits"):
+        run_prepare(["task=summarization", "method.max_length=40"], tmp_path / "s", tokenizer)
 
 
 # ---- loss masks ---------------------------------------------------------------------------------

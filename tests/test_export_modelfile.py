@@ -111,6 +111,31 @@ def test_modelfile_parameters(tmp_path):
     assert ".Messages" in values["template"][0]
 
 
+def test_num_ctx_holds_the_longest_row_unless_set(tmp_path):
+    """Ollama cuts a prompt longer than num_ctx: by default the Modelfile holds the run's longest row (test rows are
+    scored whole) plus the answer, rounded up to 256, at least 2048 and at most the model's context length."""
+    import json
+
+    from finetune.data.rows import context_size
+
+    run = RunDir(tmp_path / "run")
+    cfg = compose(["model=smollm2", "task=classification"])  # max_new_tokens 8, context length 8192
+    assert cfg.export.ollama.num_ctx is None and context_size(cfg, run) == 2048  # no data report yet
+
+    def report(longest: int) -> None:
+        run.data_dir.mkdir(parents=True, exist_ok=True)
+        lengths = {"train": {"max": 380, "mean": 200.0}, "test": {"max": longest, "mean": 250.0}}
+        run.validation_report_path.write_text(json.dumps({"token_lengths": lengths}))
+
+    for longest, expected in [(300, 2048), (3300, 3328), (3320, 3328), (3321, 3584), (20000, 8192)]:
+        report(longest)
+        assert context_size(cfg, run) == expected, longest
+    report(3300)
+    commands, _ = render_modelfile(modelfile_text(cfg, family_tokenizer("chatml"), GGUF, "S", run=run), [])
+    assert [c["args"] for c in commands if c["name"] == "num_ctx"] == ["3328"]
+    assert context_size(compose(["task=classification", "export.ollama.num_ctx=1024"]), run) == 1024
+
+
 def test_gptq_group_size_divides_the_model():
     from transformers import LlamaConfig
 

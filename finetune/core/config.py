@@ -1,14 +1,12 @@
 """Structured configs: the schema every YAML file in conf/ is merged into, and composing it.
 
-Hydra validates overrides against these dataclasses, so `method.lrr=1e-4` or
-`method.name=qlorra` fails at start with the valid keys/values listed, not after an
-hour of training. One dataclass per config group; the group's YAML files fill it in.
-The pipeline converts the composed config once (`to_typed`) and every stage gets these
-dataclasses, with real types: `cfg.method.lr` is a float, `str(cfg.method.name)` is "qlora".
+Hydra validates overrides against these dataclasses, so `method.lrr=1e-4` or `method.name=qlorra` fails at
+start with the valid keys/values listed, not after an hour of training. One dataclass per config group; the
+group's YAML files fill it in. The pipeline converts the composed config once (`to_typed`) and every stage gets
+these dataclasses, with real types: `cfg.method.lr` is a float, `str(cfg.method.name)` is "qlora".
 
-Names that other layers own are plain strings here and checked against their registry when a
-run starts: `model.family` (finetune.models.families), `task.kind` (finetune.tasks) and
-`stages` (finetune.pipeline).
+Names that other layers own are plain strings here and checked against their registry when a run starts:
+`model.family` (finetune.models.families), `task.kind` (finetune.tasks) and `stages` (finetune.pipeline).
 """
 
 from __future__ import annotations
@@ -81,6 +79,12 @@ class OnError(StrEnum):
     drop = "drop"
 
 
+class TooLong(StrEnum):  # a training or validation row longer than method.max_length (test rows stay whole)
+    auto = "auto"  # drop for extraction (its answers copy words of the input), truncate for the other kinds
+    truncate = "truncate"  # cut the end of its input text to fit; instruction, template and answer kept whole
+    drop = "drop"  # leave it out
+
+
 class DataFormat(StrEnum):
     auto = "auto"
     prompt_completion = "prompt_completion"
@@ -105,10 +109,11 @@ class DataConfig:
     split_seed: int = 1234
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None  # caps validation and test (CPU runs)
-    # A row the task cannot use (missing field, label outside the label set, answer that is not the JSON
-    # asked for, ...): stop = fail before any training, listing every such row with file:line;
-    # drop = leave it out, count it in data/validation_report.json and go on.
+    # A row the task cannot use (missing field, label outside the label set, answer that is not the JSON asked
+    # for, ...): stop = fail before any training, listing every such row with file:line; drop = leave it out,
+    # count it in data/validation_report.json and go on.
     on_error: OnError = OnError.stop
+    too_long: TooLong = TooLong.auto  # either way counted in data/validation_report.json
 
 
 @dataclass
@@ -120,19 +125,16 @@ class TaskConfig:
     system_prompt: str = ""
     prompt_template: str = "{input}"  # user turn; {input} is the example's input text
     fields: List[str] = field(default_factory=list)  # extraction: the JSON keys
-    # extraction: alternative to fields ({} = none). A dict, not Optional: Hydra cannot override a None
-    # dict from the command line; with a dict, `+task.json_schema={properties: {...}}` works.
+    # extraction: alternative to fields ({} = none); a dict, not Optional, so `+task.json_schema={...}` works
     json_schema: Dict[str, Any] = field(default_factory=dict)
     # extraction: every string value must be pieces copied from the input (a per-row JSON-schema pattern,
     # finetune.tasks.copying). None: on when the training answers copy their inputs (98% of them or more).
     copy_values: Optional[bool] = None
     labels: List[str] = field(default_factory=list)  # classification; [] = the training answers' labels
-    # Non-LLM baseline on the test split, the fair one ("specialist" in metrics.json). None: the kind's
-    # default (classification: tfidf_logreg, generation: lead = first sentence, extraction: crf, a CRF
-    # tagger of the answer's spans trained on the train split); "none" turns it off.
+    # Non-LLM baseline on the test split, the fair one ("specialist" in metrics.json). None: the kind's default
+    # (classification: tfidf_logreg, generation: lead sentence, extraction: crf on the train split); "none": off.
     specialist: Optional[str] = None
-    # Further baselines of the kind to report beside it as reference points, each as "reference-<name>"
-    # (extraction: usaddress, the US-address parser trained on the bundled address data).
+    # Further reference points, each as "reference-<name>" (extraction: usaddress, trained on the bundled data).
     reference_baselines: List[str] = field(default_factory=list)
     max_new_tokens: int = 128
     license: str = ""
@@ -232,7 +234,7 @@ class GGUFConfig:
 
 @dataclass
 class OllamaConfig:
-    num_ctx: int = 2048
+    num_ctx: Optional[int] = None  # None: the run's longest row + task.max_new_tokens (>= 2048; export/ollama)
     temperature: float = 0.0
     create: bool = True  # run `ollama create` when ollama is on PATH
 
@@ -371,8 +373,7 @@ def to_dict(obj: Any) -> dict:
 
 def compose_dict(overrides: list[str] | None = None) -> DictConfig:
     """The config composed from conf/ with Hydra overrides, as `python -m finetune` composes it (untyped)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -62,7 +62,7 @@ def value_problems(cfg: Config) -> list[str]:
          f"route.strong={r.strong} is an endpoint: name its model with route.strong_model=NAME"),
         (ex.gptq is None or ex.gptq.bits in (2, 3, 4, 8), "export.gptq.bits: must be 2, 3, 4 or 8"),
         (ex.gptq is None or ex.gptq.calibration_samples >= 1, "export.gptq.calibration_samples: must be >= 1"),
-        (ex.ollama is None or ex.ollama.num_ctx >= 1, "export.ollama.num_ctx: must be >= 1"),
+        (ex.ollama is None or (ex.ollama.num_ctx or 1) >= 1, "export.ollama.num_ctx: must be >= 1"),
         (ex.merge or (ex.gptq is None and ex.gguf is None),
          "export.merge=false, but GPTQ and GGUF are made from the merged model: set export.merge=true"),
         (ex.ollama is None or ex.gguf is not None, "export.ollama needs export.gguf (a Modelfile points at a GGUF)"),

@@ -10,8 +10,8 @@ Order of work, all before any training:
 3. split with a seeded hash of each input (same seed -> same split on any machine, independent of
    PYTHONHASHSEED and of row order); explicit train/validation/test files override the split;
 4. remove from train every example whose input is also in test (or validation);
-5. count tokens with the model's chat template: examples longer than method.max_length are dropped
-   from train/validation (counted; test keeps them);
+5. count tokens with the model's chat template: a train/validation example longer than method.max_length
+   has the end of its input cut to fit, or is dropped (task.data.too_long; counted); test keeps them whole;
 6. cap train / validation+test at task.data.max_train_examples / max_eval_examples;
 7. render rows in TRL's prompt/completion conversational format (finetune.data.rows).
 """
@@ -22,13 +22,13 @@ import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from finetune.core.config import Config, DataConfig, TaskConfig
 from finetune.core.errors import DataError
 from finetune.core.files import write_json_atomic, write_jsonl_atomic
 from finetune.core.rundir import SPLITS, RunDir
-from finetune.data.rows import count_tokens, render_row
+from finetune.data.rows import count_tokens, fit_input, render_row
 from finetune.data.sources import (
     Example,
     Record,
@@ -205,14 +205,24 @@ def _remove_leaks(splits: dict[str, list[Example]], report: Report) -> None:
 # ---- rendering and tokens ------------------------------------------------------------------------
 
 
-def _length_counter(cfg: Config, tokenizer: Any) -> tuple[Callable[[list[dict]], list[int]] | None, str]:
+def _length_tokenizer(cfg: Config, tokenizer: Any) -> tuple[Any, str]:
+    """The tokenizer that measures rows (None if the model's files are not here), and what the report says."""
     if tokenizer is None:
         try:
             tokenizer = load_tokenizer(cfg.model)
         except Exception as exc:  # no model files here: the data is still usable, say so in the report
             log.warning("[data] no tokenizer for %s (%s): example lengths not checked", cfg.model.name, exc)
             return None, f"skipped: no tokenizer for {cfg.model.name} ({type(exc).__name__}: {exc})"
-    return (lambda rows: count_tokens(rows, tokenizer, cfg.model)), f"{cfg.model.name} tokenizer + chat template"
+    return tokenizer, f"{cfg.model.name} tokenizer + chat template"
+
+
+def too_long_policy(data_cfg: DataConfig, task: Task) -> str:
+    """"truncate" or "drop": what task.data.too_long means for this task (auto: drop for extraction, whose
+    answers copy words of the input that a cut could take away; truncate for the other kinds)."""
+    policy = str(data_cfg.too_long)
+    if policy == "auto":
+        return "drop" if task.kind == "extraction" else "truncate"
+    return policy
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -239,25 +249,32 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
     data_cfg, report = cfg.task.data, Report()
     task, splits, rendered, rows_usable = split_task_data(cfg.task, report)
 
-    max_length = cfg.method.max_length
-    counter, length_check = _length_counter(cfg, tokenizer)
+    max_length, too_long = cfg.method.max_length, too_long_policy(data_cfg, task)
+    tokenizer, length_check = _length_tokenizer(cfg, tokenizer)
     lengths: dict[str, dict] = {}
-    if counter is not None:
+    if tokenizer is not None:
         for split in SPLITS:
-            n_tokens = counter(rendered[split])
+            n_tokens = count_tokens(rendered[split], tokenizer, cfg.model)
             if n_tokens:
                 lengths[split] = {"max": max(n_tokens), "mean": round(sum(n_tokens) / len(n_tokens), 1)}
             kept = []
             for row, example, n in zip(rendered[split], splits[split], n_tokens):
-                if n <= max_length:
-                    kept.append(row)
-                    continue
-                action = "kept (evaluation only)" if split == "test" else f"dropped from {split}"
-                report.add(f"too_long_{split}", example.file, example.row,
-                           f"{n} tokens > method.max_length={max_length}", action)
-                if split == "test":
-                    kept.append(row)
+                why = f"{n} tokens > method.max_length={max_length}"
+                fitted = (fit_input(task, example, n, max_length, tokenizer, cfg.model)
+                          if n > max_length and split != "test" and too_long == "truncate" else None)
+                if n <= max_length or split == "test" or fitted:
+                    kept.append(fitted[0] if fitted else row)
+                if fitted:
+                    report.add(f"truncated_{split}", example.file, example.row, f"{why}: input cut to "
+                               f"{fitted[1]}", "the end of the input cut (task.data.too_long=truncate)")
+                elif n > max_length:
+                    report.add(f"too_long_{split}", example.file, example.row, why,
+                               "kept (evaluation only)" if split == "test" else f"dropped from {split}")
             rendered[split] = kept
+    if not rendered["train"] and report.counts.get("too_long_train"):
+        fix = "or set task.data.too_long=truncate" if too_long == "drop" else "even with its input cut away none fits"
+        raise DataError(f"no training examples left: every one is longer than method.max_length={max_length}; raise "
+                        f"it (data/validation_report.json's token_lengths give the longest), {fix}")
     if not rendered["train"]:
         raise DataError("no training examples left after validation (see the problems logged above)")
 
@@ -286,6 +303,7 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
         "splits": counts,
         "capped_from": capped,
         "max_length": max_length,
+        "too_long": too_long,
         "length_check": length_check,
         "token_lengths": lengths,
         **task.learned,
@@ -296,7 +314,7 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
     return {
         **counts,
         "rows_read": report_json["rows_read"],
-        "dropped": {k: v for k, v in report.counts.items() if not k.startswith("too_long_test")},
+        "dropped": {k: v for k, v in report.counts.items() if not k.startswith(("too_long_test", "truncated_"))},
         "warnings": warnings,
         "length_check": length_check,
         **task.learned,
@@ -305,4 +323,4 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
 
 
 def _dropped_on_read(kind: str) -> bool:
-    return not (kind.startswith("duplicate_of_") or kind.startswith("too_long_"))
+    return not kind.startswith(("duplicate_of_", "too_long_", "truncated_"))

@@ -10,12 +10,13 @@ answer tokens plus the end-of-turn token, for tests and cross-checks of TRL.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import dataclasses
 
-from finetune.core.config import ModelConfig, TaskConfig
+from finetune.core.config import Config, ModelConfig, TaskConfig
 from finetune.core.errors import DataError
 from finetune.core.rundir import RunDir
 from finetune.data.sources import Example
@@ -51,6 +52,22 @@ def render_row(task: Task, example: Example) -> dict:
         "input": example.input,
         "source": f"{example.file}:{example.row}",
     }
+
+
+def context_size(cfg: Config, run: RunDir | None) -> int:
+    """The context a served model needs (the Ollama Modelfile's num_ctx, the route server's): export.ollama.num_ctx,
+    or where that is unset what this run's data needs: its longest row as read, before any cut
+    (data/validation_report.json's token_lengths), plus task.max_new_tokens, rounded up to 256 tokens, at least
+    2048 and at most the model's context length. Ollama cuts a prompt longer than num_ctx, so the served model
+    would not read whole the inputs the evaluate stage scored it on (test rows are scored whole)."""
+    if cfg.export.ollama is not None and cfg.export.ollama.num_ctx:
+        return int(cfg.export.ollama.num_ctx)
+    longest = 0
+    if run is not None and run.validation_report_path.is_file():
+        lengths = json.loads(run.validation_report_path.read_text()).get("token_lengths") or {}
+        longest = max((int(split.get("max", 0)) for split in lengths.values()), default=0)
+    need = -(-(longest + cfg.task.max_new_tokens) // 256) * 256
+    return max(2048, min(need, cfg.model.context_length)) if longest else 2048
 
 
 def tokenize_row(row: dict, tokenizer: Any, model_cfg: ModelConfig, max_length: int | None = None) -> dict:
@@ -91,6 +108,36 @@ def count_tokens(rows: list[dict], tokenizer: Any, model_cfg: ModelConfig) -> li
     if not texts:
         return []
     return [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def fit_input(task: Task, example: Example, n_tokens: int, max_length: int, tokenizer: Any,
+              model_cfg: ModelConfig) -> tuple[dict, int] | None:
+    """The row with the end of its input text cut off, at a word boundary where the kept text has one, so that
+    the whole row (system prompt, template, answer) fits in max_length tokens, and its token count. None when
+    the prompt is not built from an input text (messages given by the data), the tokenizer gives no character
+    offsets, or no word of the input can stay. The row's `input` keeps the whole text (the baselines read it)."""
+    text = example.input
+    if example.prompt is not None or not isinstance(text, str):
+        return None
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError):  # a slow tokenizer: no offsets
+        return None
+    ends = [end for _, end in offsets]
+    keep = len(ends) - (n_tokens - max_length)
+    while keep > 0:
+        cut = text[: ends[keep - 1]]
+        if ends[keep - 1] < len(text) and not text[ends[keep - 1]].isspace():
+            cut = re.sub(r"\s+\S*$", "", cut) if re.search(r"\s", cut) else cut  # no half word at the end
+        cut = cut.rstrip()
+        if not cut:
+            return None
+        row = {**render_row(task, dataclasses.replace(example, input=cut)), "input": text}
+        n = count_tokens([row], tokenizer, model_cfg)[0]
+        if n <= max_length:
+            return row, n
+        keep = min(keep - 1, len([e for e in ends if e <= len(cut)]) - (n - max_length))
+    return None
 
 
 SPLIT_ROW = "{'id', 'prompt': [messages], 'completion': [assistant message], 'reference'}"

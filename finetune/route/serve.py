@@ -27,7 +27,7 @@ from finetune.core.config import Config
 from finetune.core.errors import ConfigError
 from finetune.core.fingerprint import file_sha256
 from finetune.core.rundir import RunDir
-from finetune.data.rows import run_task
+from finetune.data.rows import context_size, run_task
 from finetune.evaluate.stage import sampling_from, with_shots
 from finetune.models.loading import saved_tokenizer, render_prompt
 from finetune.route.signals import Scorer, features
@@ -92,8 +92,8 @@ class Router:
         self.timeout_s = timeout_s or self.cfg.route.timeout_s
         self.client = (Endpoint(self.strong_url, self.strong_model, self.timeout_s)
                        if self.strong_url and self.strong_model else None)
-        n_ctx = self.cfg.export.ollama.num_ctx if self.cfg.export.ollama else 2048
-        self.llama = BatchedLlama(gguf, n_ctx=n_ctx, parallel=1, n_threads=n_threads, seed=self.cfg.method.seed)
+        self.llama = BatchedLlama(gguf, n_ctx=context_size(self.cfg, self.run), parallel=1, n_threads=n_threads,
+                                  seed=self.cfg.method.seed)
         self.lock = threading.Lock()  # one llama.cpp context: one small answer at a time
 
     def close(self) -> None:

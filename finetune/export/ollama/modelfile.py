@@ -21,6 +21,7 @@ from finetune.core.config import Config
 from finetune.core.errors import ExportError
 from finetune.core.files import TMP_PREFIX, clean_stale
 from finetune.core.rundir import RunDir, comment_safe, ollama_model_name, quant_of
+from finetune.data.rows import context_size
 from finetune.export.ollama.checks import check_rendering, check_stops
 from finetune.export.ollama.gotemplate import render_modelfile
 from finetune.export.ollama.template import ollama_template
@@ -92,17 +93,17 @@ def modelfile_text(cfg: Config, tokenizer: Any, gguf: Path, system: str, bos_add
     elif system:
         lines.insert(2, "# The system prompt cannot be quoted in a Modelfile; the TEMPLATE carries it as its default.")
     lines += [f"PARAMETER stop {_quoted('stop token', s)}" for s in cfg.model.stop_tokens]
-    lines += [f"PARAMETER num_ctx {ocfg.num_ctx}", f"PARAMETER temperature {ocfg.temperature:g}"]
+    lines += [f"PARAMETER num_ctx {context_size(cfg, run)}", f"PARAMETER temperature {ocfg.temperature:g}"]
     return "\n".join(lines) + "\n"
 
 
-def _check_commands(cfg: Config, commands: list[dict], gguf: Path, system: str, where: str) -> None:
+def _check_commands(cfg: Config, commands: list[dict], gguf: Path, system: str, where: str, num_ctx: int) -> None:
     """What Ollama parses out of the Modelfile is what we meant to write."""
     def values(name: str) -> list[str]:
         return [c["args"] for c in commands if c["name"] == name]
 
     want = {"model": ["./" + gguf.name], "stop": list(cfg.model.stop_tokens),
-            "num_ctx": [str(cfg.export.ollama.num_ctx)]}
+            "num_ctx": [str(num_ctx)]}
     if system and values("system"):
         want["system"] = [system]
     for name, expected in want.items():
@@ -119,10 +120,10 @@ def verify_modelfile(cfg: Config, run: RunDir, tokenizer: Any, gguf: Path, text:
     without = [c for c in convs if not c[2]]
     commands, prompts = render_modelfile(text, [c[1] for c in with_sys])
     _, prompts_no_sys = render_modelfile(no_system_text, [c[1] for c in without])
-    _check_commands(cfg, commands, gguf, system, where)
+    _check_commands(cfg, commands, gguf, system, where, context_size(cfg, run))
     stops = [c["args"] for c in commands if c["name"] == "stop"]
     checks = []
-    with open_gguf(gguf, n_ctx=2048, n_threads=cfg.evaluate.n_threads) as llm:
+    with open_gguf(gguf, n_ctx=context_size(cfg, run), n_threads=cfg.evaluate.n_threads) as llm:
         if gguf_adds_bos(llm) != bos_added:
             raise ExportError(f"{where}: llama.cpp's BOS setting changed while checking")
         for (name, conv, _), rendered in zip(with_sys, prompts):
