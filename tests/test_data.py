@@ -164,6 +164,27 @@ def test_too_long_inputs_are_cut_to_fit_by_default_except_for_extraction(tmp_pat
     assert summary["train"] == 1190 - report["problems"]["too_long_train"] < 1190
 
 
+def test_a_long_last_user_turn_is_cut_where_the_data_gives_messages(tmp_path, tokenizer):
+    from finetune.data.rows import count_tokens
+
+    words = " ".join(f"word{i}" for i in range(300))
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there."},
+             {"role": "assistant", "content": "Hello."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [*convo, {"role": "user", "content": f"{i} {words}"},
+                                                               {"role": "assistant", "content": f"answer {i}"}]}
+                                                 for i in range(20)])
+    cfg = compose(custom(path, "method.max_length=200"))
+    summary, run, report = run_prepare(custom(path, "method.max_length=200"), tmp_path / "r", tokenizer)
+    problems = report["problems"]
+    assert problems["truncated_train"] == summary["train"] > 0 and problems["truncated_validation"] == summary["validation"]
+    rows = read_rows(run.data_dir / "train.jsonl")
+    assert max(count_tokens(rows, tokenizer, cfg.model)) <= 200
+    for row in rows:
+        assert row["prompt"][:3] == convo and row["completion"][0]["content"].startswith("answer")  # whole
+        kept = row["prompt"][3]["content"]
+        assert row["input"].startswith(kept) and len(kept) < len(row["input"]) and row["input"][len(kept)] == " "
+
+
 def test_no_row_fits_says_what_to_change(tmp_path, tokenizer):
     with pytest.raises(FinetuneError, match=r"every one is longer than method.max_length=40.*too_long=truncate"):
         run_prepare(["task=extraction", "method.max_length=40"], tmp_path / "e", tokenizer)

@@ -112,12 +112,12 @@ def count_tokens(rows: list[dict], tokenizer: Any, model_cfg: ModelConfig) -> li
 
 def fit_input(task: Task, example: Example, n_tokens: int, max_length: int, tokenizer: Any,
               model_cfg: ModelConfig) -> tuple[dict, int] | None:
-    """The row with the end of its input text cut off, at a word boundary where the kept text has one, so that
-    the whole row (system prompt, template, answer) fits in max_length tokens, and its token count. None when
-    the prompt is not built from an input text (messages given by the data), the tokenizer gives no character
-    offsets, or no word of the input can stay. The row's `input` keeps the whole text (the baselines read it)."""
+    """The row with the end of its input text (where the data gives messages: of the last user turn) cut off, at
+    a word boundary where the kept text has one, so that the whole row (system prompt, template, earlier turns,
+    answer) fits in max_length tokens, and its token count. None when the tokenizer gives no character offsets or
+    no word of the input can stay. The row's `input` keeps the whole text (the baselines read it)."""
     text = example.input
-    if example.prompt is not None or not isinstance(text, str):
+    if not isinstance(text, str):
         return None
     try:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -132,12 +132,21 @@ def fit_input(task: Task, example: Example, n_tokens: int, max_length: int, toke
         cut = cut.rstrip()
         if not cut:
             return None
-        row = {**render_row(task, dataclasses.replace(example, input=cut)), "input": text}
+        row = {**render_row(task, _with_input(example, cut)), "input": text}
         n = count_tokens([row], tokenizer, model_cfg)[0]
         if n <= max_length:
             return row, n
         keep = min(keep - 1, len([e for e in ends if e <= len(cut)]) - (n - max_length))
     return None
+
+
+def _with_input(example: Example, text: str) -> Example:
+    """The example with another input text: in the prompt's last user turn where the data gave messages."""
+    if example.prompt is None:
+        return dataclasses.replace(example, input=text)
+    last = max(i for i, m in enumerate(example.prompt) if m["role"] == "user")
+    prompt = [*example.prompt[:last], {**example.prompt[last], "content": text}, *example.prompt[last + 1:]]
+    return dataclasses.replace(example, input=text, prompt=prompt)
 
 
 SPLIT_ROW = "{'id', 'prompt': [messages], 'completion': [assistant message], 'reference'}"
