@@ -120,9 +120,8 @@ def test_prepare_writes_contract_rows(tmp_path, tokenizer):
     assert [r["id"] for r in read_rows(run.data_dir / "train.jsonl")] == [r["id"] for r in full["train"][:50]]
 
 
-def test_too_long_examples_are_dropped_from_training_when_asked(tmp_path, tokenizer):
-    overrides = ["task=summarization", "method.max_length=300", "task.data.too_long=drop"]
-    summary, run, report = run_prepare(overrides, tmp_path, tokenizer)
+def test_too_long_examples_are_dropped_from_training(tmp_path, tokenizer):
+    summary, run, report = run_prepare(["task=summarization", "method.max_length=300"], tmp_path, tokenizer)
     too_long = report["problems"]["too_long_train"]
     assert 0 < too_long < 800 and summary["train"] == 800 - too_long and report["too_long"] == "drop"
     assert report["problems"].get("too_long_test", 0) > 0 and summary["test"] == 100  # test keeps them
@@ -130,13 +129,14 @@ def test_too_long_examples_are_dropped_from_training_when_asked(tmp_path, tokeni
     assert issue["file"].endswith("bbc_headlines.jsonl") and issue["row"] >= 1 and "> method.max_length=300" in issue["message"]
 
 
-def test_too_long_inputs_are_cut_to_fit_by_default_except_for_extraction(tmp_path, tokenizer):
-    """auto: a summary's article loses its end (a word boundary, the headline and instruction whole) instead of
-    its row; test rows stay whole; extraction drops (a cut could take away the words its answer copies)."""
+def test_too_long_inputs_are_cut_to_fit_when_asked(tmp_path, tokenizer):
+    """truncate: a summary's article loses its end (a word boundary, the headline and instruction whole) instead
+    of its row; test rows stay whole. auto, where some training row fits: dropped, and always for extraction."""
     from finetune.data.rows import count_tokens
 
-    cfg = compose(["task=summarization", "method.max_length=300"])
-    summary, run, report = run_prepare(["task=summarization", "method.max_length=300"], tmp_path / "s", tokenizer)
+    overrides = ["task=summarization", "method.max_length=300", "task.data.too_long=truncate"]
+    cfg = compose(overrides)
+    summary, run, report = run_prepare(overrides, tmp_path / "s", tokenizer)
     cut = report["problems"]["truncated_train"]
     assert report["too_long"] == "truncate" and 0 < cut < 800 and "too_long_train" not in report["problems"]
     assert summary["train"] == 800 and summary["dropped"] == {} and report["problems"]["too_long_test"] > 0
@@ -161,10 +161,15 @@ def test_too_long_inputs_are_cut_to_fit_by_default_except_for_extraction(tmp_pat
 
     summary, _, report = run_prepare(["task=extraction", "method.max_length=140"], tmp_path / "e", tokenizer)
     assert report["too_long"] == "drop" and "truncated_train" not in report["problems"]
+    dropped = summary["train"]
+    summary, _, report = run_prepare(["task=extraction", "method.max_length=140", "task.data.too_long=truncate"],
+                                     tmp_path / "t", tokenizer)  # asked for: rows whose answer alone fits are cut
+    assert report["too_long"] == "truncate" and report["problems"]["truncated_train"] > 0
+    assert summary["train"] == dropped + report["problems"]["truncated_train"] < 1190
     assert summary["train"] == 1190 - report["problems"]["too_long_train"] < 1190
 
 
-def test_a_long_last_user_turn_is_cut_where_the_data_gives_messages(tmp_path, tokenizer):
+def test_when_no_training_row_fits_auto_cuts_the_last_user_turn_of_chat_messages(tmp_path, tokenizer):
     from finetune.data.rows import count_tokens
 
     words = " ".join(f"word{i}" for i in range(300))
@@ -176,6 +181,7 @@ def test_a_long_last_user_turn_is_cut_where_the_data_gives_messages(tmp_path, to
     cfg = compose(custom(path, "method.max_length=200"))
     summary, run, report = run_prepare(custom(path, "method.max_length=200"), tmp_path / "r", tokenizer)
     problems = report["problems"]
+    assert report["too_long"] == "truncate"  # auto: every row is too long, so dropping would leave nothing
     assert problems["truncated_train"] == summary["train"] > 0 and problems["truncated_validation"] == summary["validation"]
     rows = read_rows(run.data_dir / "train.jsonl")
     assert max(count_tokens(rows, tokenizer, cfg.model)) <= 200

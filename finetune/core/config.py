@@ -80,7 +80,7 @@ class OnError(StrEnum):
 
 
 class TooLong(StrEnum):  # a training or validation row longer than method.max_length (test rows stay whole)
-    auto = "auto"  # drop for extraction (its answers copy words of the input), truncate for the other kinds
+    auto = "auto"  # drop; truncate when no training row fits, unless extraction (answers copy input words)
     truncate = "truncate"  # cut the end of its input text to fit; instruction, template and answer kept whole
     drop = "drop"  # leave it out
 

@@ -11,7 +11,7 @@ Order of work, all before any training:
    PYTHONHASHSEED and of row order); explicit train/validation/test files override the split;
 4. remove from train every example whose input is also in test (or validation);
 5. count tokens with the model's chat template: a train/validation example longer than method.max_length
-   has the end of its input cut to fit, or is dropped (task.data.too_long; counted); test keeps them whole;
+   is dropped, or has the end of its input cut to fit (task.data.too_long; counted); test keeps them whole;
 6. cap train / validation+test at task.data.max_train_examples / max_eval_examples;
 7. render rows in TRL's prompt/completion conversational format (finetune.data.rows).
 """
@@ -216,12 +216,14 @@ def _length_tokenizer(cfg: Config, tokenizer: Any) -> tuple[Any, str]:
     return tokenizer, f"{cfg.model.name} tokenizer + chat template"
 
 
-def too_long_policy(data_cfg: DataConfig, task: Task) -> str:
-    """"truncate" or "drop": what task.data.too_long means for this task (auto: drop for extraction, whose
-    answers copy words of the input that a cut could take away; truncate for the other kinds)."""
+def too_long_policy(data_cfg: DataConfig, task: Task, train_fits: list[bool]) -> str:
+    """"truncate" or "drop": what task.data.too_long means for this data. auto drops the rows over
+    method.max_length (at a time budget the rows that fit train more steps, and scored better: docs/tasks.md),
+    unless no training row fits: then their inputs are cut, except for extraction, whose answers copy words of the
+    input that a cut could take away."""
     policy = str(data_cfg.too_long)
     if policy == "auto":
-        return "drop" if task.kind == "extraction" else "truncate"
+        return "truncate" if train_fits and not any(train_fits) and task.kind != "extraction" else "drop"
     return policy
 
 
@@ -249,28 +251,26 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
     data_cfg, report = cfg.task.data, Report()
     task, splits, rendered, rows_usable = split_task_data(cfg.task, report)
 
-    max_length, too_long = cfg.method.max_length, too_long_policy(data_cfg, task)
+    max_length = cfg.method.max_length
     tokenizer, length_check = _length_tokenizer(cfg, tokenizer)
-    lengths: dict[str, dict] = {}
-    if tokenizer is not None:
-        for split in SPLITS:
-            n_tokens = count_tokens(rendered[split], tokenizer, cfg.model)
-            if n_tokens:
-                lengths[split] = {"max": max(n_tokens), "mean": round(sum(n_tokens) / len(n_tokens), 1)}
-            kept = []
-            for row, example, n in zip(rendered[split], splits[split], n_tokens):
-                why = f"{n} tokens > method.max_length={max_length}"
-                fitted = (fit_input(task, example, n, max_length, tokenizer, cfg.model)
-                          if n > max_length and split != "test" and too_long == "truncate" else None)
-                if n <= max_length or split == "test" or fitted:
-                    kept.append(fitted[0] if fitted else row)
-                if fitted:
-                    report.add(f"truncated_{split}", example.file, example.row, f"{why}: input cut to "
-                               f"{fitted[1]}", "the end of the input cut (task.data.too_long=truncate)")
-                elif n > max_length:
-                    report.add(f"too_long_{split}", example.file, example.row, why,
-                               "kept (evaluation only)" if split == "test" else f"dropped from {split}")
-            rendered[split] = kept
+    n_tokens = {s: count_tokens(rendered[s], tokenizer, cfg.model) for s in SPLITS} if tokenizer is not None else {}
+    too_long = too_long_policy(data_cfg, task, [n <= max_length for n in n_tokens.get("train", [])])
+    lengths = {s: {"max": max(n), "mean": round(sum(n) / len(n), 1)} for s, n in n_tokens.items() if n}
+    for split, counts in n_tokens.items():
+        kept = []
+        for row, example, n in zip(rendered[split], splits[split], counts):
+            why = f"{n} tokens > method.max_length={max_length}"
+            fitted = (fit_input(task, example, n, max_length, tokenizer, cfg.model)
+                      if n > max_length and split != "test" and too_long == "truncate" else None)
+            if n <= max_length or split == "test" or fitted:
+                kept.append(fitted[0] if fitted else row)
+            if fitted:
+                report.add(f"truncated_{split}", example.file, example.row, f"{why}: input cut to {fitted[1]}",
+                           f"the end of the input cut (task.data.too_long={data_cfg.too_long})")
+            elif n > max_length:
+                report.add(f"too_long_{split}", example.file, example.row, why,
+                           "kept (evaluation only)" if split == "test" else f"dropped from {split}")
+        rendered[split] = kept
     if not rendered["train"] and report.counts.get("too_long_train"):
         fix = "or set task.data.too_long=truncate" if too_long == "drop" else "even with its input cut away none fits"
         raise DataError(f"no training examples left: every one is longer than method.max_length={max_length}; raise "
