@@ -6,9 +6,9 @@ The work never changes (the same tensors, shapes of one decoder MLP on a trainin
 576 -> 1536 -> 576, plus a weight-gradient product), so any drift in its rate is the machine's: clock, turbo budget,
 a VM's neighbours; not the training state, the allocator or the data. Printed per window: iterations per second
 and the ratio against the first window; last line: `JSON {...}` (as every scripts/bench_*.py prints it) with the
-machine and every window. Run it on a quiet machine (nothing else heavy): the budgeted training of `python -m finetune` revises its step count from the
-seconds per step it sees, so a machine that slows after a minute or two trains fewer steps than its first steps
-promised.
+machine and every window. Run it on a quiet machine (nothing else heavy): the budgeted training of
+`python -m finetune` revises its step count from the seconds per step it sees, so a machine that slows after a
+minute or two trains fewer steps than its first steps promised.
 """
 
 from __future__ import annotations

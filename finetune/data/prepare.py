@@ -259,17 +259,21 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
     for split, counts in n_tokens.items():
         kept = []
         for row, example, n in zip(rendered[split], splits[split], counts):
+            if n <= max_length:
+                kept.append(row)
+                continue
             why = f"{n} tokens > method.max_length={max_length}"
             fitted = (fit_input(task, example, n, max_length, tokenizer, cfg.model)
-                      if n > max_length and split != "test" and too_long == "truncate" else None)
-            if n <= max_length or split == "test" or fitted:
-                kept.append(fitted[0] if fitted else row)
+                      if split != "test" and too_long == "truncate" else None)
             if fitted:
+                kept.append(fitted[0])
                 report.add(f"truncated_{split}", example.file, example.row, f"{why}: input cut to {fitted[1]}",
                            f"the end of the input cut (task.data.too_long={data_cfg.too_long})")
-            elif n > max_length:
-                report.add(f"too_long_{split}", example.file, example.row, why,
-                           "kept (evaluation only)" if split == "test" else f"dropped from {split}")
+                continue
+            report.add(f"too_long_{split}", example.file, example.row, why,
+                       "kept (evaluation only)" if split == "test" else f"dropped from {split}")
+            if split == "test":
+                kept.append(row)
         rendered[split] = kept
     if not rendered["train"] and report.counts.get("too_long_train"):
         fix = "or set task.data.too_long=truncate" if too_long == "drop" else "even with its input cut away none fits"

@@ -9,6 +9,7 @@ answer tokens plus the end-of-turn token, for tests and cross-checks of TRL.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from pathlib import Path
@@ -136,7 +137,7 @@ def fit_input(task: Task, example: Example, n_tokens: int, max_length: int, toke
         n = count_tokens([row], tokenizer, model_cfg)[0]
         if n <= max_length:
             return row, n
-        keep = min(keep - 1, len([e for e in ends if e <= len(cut)]) - (n - max_length))
+        keep = min(keep - 1, bisect.bisect_right(ends, len(cut)) - (n - max_length))  # tokens within the cut
     return None
 
 

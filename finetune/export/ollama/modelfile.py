@@ -120,10 +120,11 @@ def verify_modelfile(cfg: Config, run: RunDir, tokenizer: Any, gguf: Path, text:
     without = [c for c in convs if not c[2]]
     commands, prompts = render_modelfile(text, [c[1] for c in with_sys])
     _, prompts_no_sys = render_modelfile(no_system_text, [c[1] for c in without])
-    _check_commands(cfg, commands, gguf, system, where, context_size(cfg, run))
+    num_ctx = context_size(cfg, run)
+    _check_commands(cfg, commands, gguf, system, where, num_ctx)
     stops = [c["args"] for c in commands if c["name"] == "stop"]
     checks = []
-    with open_gguf(gguf, n_ctx=context_size(cfg, run), n_threads=cfg.evaluate.n_threads) as llm:
+    with open_gguf(gguf, n_ctx=num_ctx, n_threads=cfg.evaluate.n_threads) as llm:
         if gguf_adds_bos(llm) != bos_added:
             raise ExportError(f"{where}: llama.cpp's BOS setting changed while checking")
         for (name, conv, _), rendered in zip(with_sys, prompts):
