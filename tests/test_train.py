@@ -19,7 +19,7 @@ from finetune.data.rows import load_split
 from finetune.train.checkpoints import last_complete_checkpoint
 from finetune.pipeline import check_config
 from finetune.train.model import build_model, resolve_precision, use_liger
-from finetune.train.shared_prefix import shared_prefix_length
+from finetune.train.shared_prefix import opening_cost, shared_prefix_length
 from finetune.train.stage import build_trainer, planned_steps, sft_config, train, warmup_steps
 
 # ---------------------------------------------------------------- fast
@@ -148,6 +148,31 @@ def test_shared_prefix_stops_before_the_first_labelled_token():
     assert shared_prefix_length(rows) == 3  # 4 tokens agree, but row 1's 5th token is its first labelled one
     assert shared_prefix_length([rows[0], {"input_ids": [1, 9, 3], "labels": [-100, -100, 3]}]) == 1
     assert shared_prefix_length(rows[:1]) == 0
+    # The opening's share of a step of 2 rows: once per batch when shared (3 of 3 + 3.5 + 3.5), else once per row.
+    assert opening_cost(rows, 2, shared=True) == {"opening_tokens": 3, "row_tokens_mean": 6.5,
+                                                  "opening_share_of_step": 0.3}
+    assert opening_cost(rows, 2, shared=False)["opening_share_of_step"] == round(6 / 13, 3)
+
+
+@pytest.mark.slow
+def test_a_long_system_prompt_under_a_time_budget_is_reported_and_warned_about(tmp_path, caplog):
+    """The tokens every row begins with are recorded with the train stage's decisions; where they are most of
+    what a step computes and training runs for minutes, the run says a shorter system prompt trains more steps."""
+    cfg, run = tiny_run(tmp_path, ["method=full", "method.max_steps=0", "method.budget_minutes=1"])
+    with caplog.at_level("WARNING", logger="finetune"):
+        _, info = build_trainer(cfg, run)
+    assert 20 <= info["opening_tokens"] < info["row_tokens_mean"] and info["opening_share_of_step"] < 0.5
+    assert "system_prompt" not in caplog.text
+    long_prompt = " ".join(["Label each part of the address with its usaddress name."] * 12)
+    path = run.data_dir / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row["prompt"][0]["content"] = long_prompt
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level("WARNING", logger="finetune"):
+        _, info = build_trainer(cfg, run)
+    assert info["opening_share_of_step"] >= 0.5 and info["opening_tokens"] > 100
+    assert "shorter task.system_prompt" in caplog.text and f"{info['opening_tokens']} tokens" in caplog.text
 
 
 @pytest.mark.slow

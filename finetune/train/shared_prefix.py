@@ -42,6 +42,17 @@ def shared_prefix_length(rows: list[dict]) -> int:
     return length
 
 
+def opening_cost(rows: list[dict], batch_size: int, shared: bool) -> dict:
+    """The opening every training row begins with (system prompt and chat template, in tokens), the rows' mean
+    length, and the opening's share of the tokens a training step of `batch_size` rows computes: once per
+    batch where the rows share it (`shared`), once per row otherwise. `rows`: the training rows or a sample."""
+    opening = shared_prefix_length(rows)
+    mean = sum(len(row["input_ids"]) for row in rows) / max(len(rows), 1)
+    computed = opening + batch_size * (mean - opening) if shared else batch_size * mean
+    share = (opening if shared else batch_size * opening) / computed if computed else 0.0
+    return {"opening_tokens": opening, "row_tokens_mean": round(mean, 1), "opening_share_of_step": round(share, 3)}
+
+
 class SharedPrefixCollator:
     """Padding-free batches whose rows share their common opening (module docstring); batches without one
     (fewer than MIN_PREFIX tokens, or a single row) go to `fallback`, TRL's padding-free collator."""
