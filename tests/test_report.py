@@ -19,7 +19,7 @@ from finetune.core.errors import RunDirError
 from finetune.core.rundir import RunDir
 from finetune.evaluate.compare import main as compare_main
 from finetune.evaluate.plots import plot_confusion
-from finetune.evaluate.report import parse_results_table
+from finetune.evaluate.report import parse_results_table, per_label_table, results_table
 from finetune.evaluate.stage import evaluate
 from finetune.tasks import get_task
 
@@ -161,3 +161,27 @@ def test_classification_run_gets_a_confusion_matrix(tmp_path):
     assert "![confusion matrix](plots/confusion_matrix.png)" in text
     table = parse_results_table(text)
     assert float(table["specialist"]["accuracy"]) == round(metrics["models"]["specialist"]["accuracy"], 4)
+
+
+def test_many_labels_get_a_per_label_table_instead_of_columns():
+    """Fifty labels made a results table of 60 columns (TREC's fine question types): beyond PER_LABEL_INLINE
+    labels, F1 per label moves to a table with a row per label; a few labels stay columns."""
+    labels = [f"number:{i}" for i in range(8)]
+
+    def metrics(names):
+        entry = {"n": 50, "macro_f1": 0.5, "accuracy": 0.7, **{f"f1_{name}": i / 10 for i, name in enumerate(names)}}
+        return {"headline_metric": "macro_f1", "models": {"finetuned": entry, "specialist": dict(entry, macro_f1=0.6)}}
+
+    many = metrics(labels)
+    many["models"]["specialist"]["vs_finetuned_95"] = [0.02, 0.18]
+    header, _, tuned, specialist = results_table(many)
+    assert "f1_" not in header and "| macro_f1 | accuracy | Δ macro_f1 |" in header
+    assert "| 0.6000 | 0.7000 | +0.1000 (+0.020..+0.180) |" in specialist  # Δ and its 95% interval
+    assert "| 0.5000 | 0.7000 |  |" in tuned
+    table = per_label_table(many, {"number:0": 120, "number:7": 3})
+    assert table[0] == "### F1 per label (8 labels)"
+    assert table[2] == "| label | train rows | finetuned | specialist |"
+    assert table[4] == "| number:0 | 120 | 0.0000 | 0.0000 |" and table[11] == "| number:7 | 3 | 0.7000 | 0.7000 |"
+    assert len(table) == 2 + 2 + len(labels) + 1
+    few = metrics(["ham", "spam"])
+    assert "| f1_ham | f1_spam |" in results_table(few)[0] and per_label_table(few) == []

@@ -62,6 +62,7 @@ def test_extraction_metrics_match_hand_computed_values():
     assert [r["correct"] for r in rows] == [True, False, False, False]
     assert [(r["tp"], r["fp"], r["fn"]) for r in rows] == [(2, 0, 0), (1, 1, 0), (1, 0, 1), (0, 0, 1)]
     assert rows[3]["parsed"] is None
+    assert task.headline(refs, rows) == pytest.approx(metrics["field_f1"])  # pooled from the rows' counts
 
 
 def test_extraction_values_are_strict_beyond_case_and_spacing():
@@ -199,6 +200,9 @@ def test_classification_metrics_match_hand_computed_values():
     assert metrics["f1_spam"] == pytest.approx(0.5)
     assert metrics["macro_f1"] == pytest.approx(0.65)
     assert task.headline_metric == "macro_f1"
+    assert task.headline(refs, rows) == metrics["macro_f1"]  # from the rows' scores, as a bootstrap redraws them
+    assert task.headline(refs[:2], rows[:2]) == task.score(refs[:2], outs[:2])[0]["macro_f1"] == pytest.approx(
+        (2 / 3 + 0) / 2)  # ham: P 1, R 1/2; spam only answered (a false positive): F1 0
 
 
 def test_classification_data_labels_must_be_in_the_set():
@@ -253,6 +257,7 @@ def test_generation_metrics_match_hand_computed_values():
     assert metrics["exact_match"] == pytest.approx(0.5)
     assert [r["correct"] for r in rows] == [False, True] and rows[1]["parsed"] == "Dogs bark"
     assert task.headline_metric == "rougeL"
+    assert task.headline(["the cat sat", "Dogs bark"], rows) == pytest.approx(metrics["rougeL"])
     assert task.score(["x"], [""])[0]["empty_rate"] == 1.0
 
 
@@ -320,3 +325,29 @@ def test_baselines_a_task_names():
         task_for("task.kind=extraction", "task.fields=[A]", "task.specialist=lead")
     with pytest.raises(ConfigError, match=r"reference_baselines \['lead'\] are not baselines of kind extraction"):
         check_config(compose(["task=extraction", "task.reference_baselines=[usaddress,lead]"]), [])
+
+
+def test_paired_intervals_of_the_headline_against_the_finetuned_model():
+    """The Δ column's interval (finetune/evaluate/intervals.py): rows matched by id, both models' headlines
+    recomputed on the same resampled rows."""
+    from finetune.evaluate.intervals import against
+
+    task = task_for("task.kind=classification", "task.labels=[ham,spam]")
+    refs = ["ham", "spam"] * 20
+
+    def predictions(outputs, ids=None):
+        _, rows = task.score(refs, outputs)
+        return [{"id": f"r{i}", "reference": ref, **row} for i, ref, row in zip(ids or range(40), refs, rows)]
+
+    tuned = predictions(refs[:20] + ["?"] * 20)  # right on the first 20 rows, no valid answer on the rest
+    better = predictions(refs)
+    same = predictions(refs[:20] + ["?"] * 20)
+    # Only its first 20 rows (no valid answer) are the tuned model's last 20 (none either): level, by id.
+    shifted = predictions(["?"] * 20 + refs[20:], ids=[i + 20 for i in range(40)])
+    out = against(task, {"finetuned": tuned, "better": better, "same": same, "shifted": shifted,
+                         "alone": predictions(refs, ids=[100 + i for i in range(40)])})
+    assert set(out) == {"better", "same", "shifted"}  # "alone" shares no row with the fine-tuned model
+    assert out["same"] == [0.0, 0.0]
+    low, high = out["better"]
+    assert 0.2 < low < high < 0.8  # macro-F1 1.0 against ~0.5: ahead on every draw
+    assert out["shifted"] == [0.0, 0.0]  # by position it would trail: its first 20 wrong, the tuned model's right

@@ -27,6 +27,7 @@ from finetune.evaluate.metrics import (
 from finetune.evaluate.plots import plot_confusion, plot_loss
 
 MAX_LISTED = 12  # validation-report list items and wrong predictions shown
+PER_LABEL_INLINE = 6  # per-label F1 columns the results table keeps; more get a table of their own, a row per label
 
 
 def metric_columns(metrics: dict) -> list[str]:
@@ -40,8 +41,16 @@ def metric_columns(metrics: dict) -> list[str]:
     return cols
 
 
+def per_label_columns(metrics: dict) -> list[str]:
+    """The per-label F1 columns (classification's `f1_<label>`) when there are too many to read across the
+    results table; otherwise none (they stay in it)."""
+    per_label = [c for c in metric_columns(metrics) if c.startswith("f1_")]
+    return per_label if len(per_label) > PER_LABEL_INLINE else []
+
+
 def results_table(metrics: dict) -> list[str]:
-    cols = metric_columns(metrics)
+    apart = set(per_label_columns(metrics))
+    cols = [c for c in metric_columns(metrics) if c not in apart]
     head = metrics["headline_metric"]
     tuned = metrics["models"].get("finetuned", {}).get(head)
     delta = [f"Δ {head}"] if isinstance(tuned, (int, float)) else []
@@ -55,7 +64,9 @@ def results_table(metrics: dict) -> list[str]:
         value = e.get(head)
         change = []
         if delta:
-            change = [f"{value - tuned:+.4f}" if isinstance(value, (int, float)) and name != "finetuned" else ""]
+            bounds = e.get("vs_finetuned_95")
+            change = [f"{value - tuned:+.4f}" + (f" ({bounds[0]:+.3f}..{bounds[1]:+.3f})" if bounds else "")
+                      if isinstance(value, (int, float)) and name != "finetuned" else ""]
         rows.append(
             [name, e.get("runtime", ""), fmt(e.get("constraint")), fmt(e.get("few_shot")), fmt(e.get("n"))]
             + [fmt(e.get(c)) for c in cols]
@@ -63,6 +74,19 @@ def results_table(metrics: dict) -> list[str]:
             + [fmt(e.get("stopped_fraction")), fmt(e.get("latency_s_mean"), 2), fmt(e.get("tokens_per_s"), 2), size]
         )
     return md_table(header, rows)
+
+
+def per_label_table(metrics: dict, train_counts: dict | None = None) -> list[str]:
+    """F1 per label (a row each, a model per column, the label's training rows beside it), for label sets too
+    large for the results table's columns; in the order the task lists its labels."""
+    cols = per_label_columns(metrics)
+    if not cols:
+        return []
+    models = [(name, e) for name, e in metrics["models"].items() if "error" not in e]
+    counts = train_counts or {}
+    rows = [[cell(c[len("f1_"):]), fmt(counts.get(c[len("f1_"):]))] + [fmt(e.get(c)) for _, e in models] for c in cols]
+    return [f"### F1 per label ({len(cols)} labels)", ""] + md_table(
+        ["label", "train rows", *(name for name, _ in models)], rows) + [""]
 
 
 def baseline_lines(metrics: dict) -> list[str]:
@@ -221,7 +245,10 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
         lines += [f"Fine-tuning moved {head} from {fmt(base)} (base) to {fmt(tuned)} ({tuned - base:+.4f}).", ""]
     lines += constraint_lines(metrics)
 
-    delta = (f"`Δ {head}`: difference to the fine-tuned model (what fine-tuning gained, what an export costs). "
+    delta = (f"`Δ {head}`: difference to the fine-tuned model (what fine-tuning gained, what an export costs), "
+             f"in brackets its 95% interval (a paired bootstrap over the {metrics['n']} test rows, "
+             "finetune/evaluate/intervals.py): an interval that holds 0 is a difference these rows cannot tell "
+             "from none; `evaluate.max_examples=null` scores every test row. "
              if isinstance(tuned, (int, float)) else "")
     lines += ["## Results", ""] + results_table(metrics) + [
         "",
@@ -233,6 +260,8 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
         "server does.",
         "",
     ]
+    validation = read_json(run.validation_report_path)
+    lines += per_label_table(metrics, (validation or {}).get("label_counts_train"))
     baselines = baseline_lines(metrics)
     if baselines:
         lines += ["Baselines (no language model):", ""] + baselines + [""]
@@ -257,7 +286,6 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
         lines += routing_lines(metrics["route"], head)
 
     lines += ["## Data", ""]
-    validation = read_json(run.validation_report_path)
     lines += (summary_lines(validation) if validation else ["No `data/validation_report.json` in this run."]) + [""]
 
     lines += ["## Training", ""]

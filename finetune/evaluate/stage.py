@@ -35,6 +35,7 @@ from finetune.core.hardware import cpu_threads, torch_threads
 from finetune.core.rundir import RunDir, quant_of
 from finetune.data.rows import read_rows, run_task
 from finetune.evaluate.cache import answers_key, load_answers, save_answers
+from finetune.evaluate.intervals import against
 from finetune.evaluate.metrics import read_json, score, write_predictions
 from finetune.evaluate.report import write_report
 from finetune.models.loading import (
@@ -353,6 +354,8 @@ def evaluate(cfg: Config, run: RunDir) -> dict:
 
 def write_results(s: Session) -> dict:
     cfg, run, task = s.cfg, s.run, s.task
+    for name, bounds in against(task, s.predictions).items():  # the Δ column's 95% interval in report.md
+        s.models[name]["vs_finetuned_95"] = bounds
     metrics = {
         "task": cfg.task.name,
         "task_kind": str(cfg.task.kind),

@@ -143,6 +143,12 @@ class Task:
         result = self.baseline(self.specialist, train_rows, test_rows)
         return None if result is None else result[0]
 
+    def headline(self, references: list, scored: list[dict]) -> float:
+        """The headline metric of these rows from `score`'s per-row results, without parsing the answers again
+        (a bootstrap resamples the rows); here the mean of each row's own value, the kinds that pool counts
+        over rows override it."""
+        return sum(row[self.headline_metric] for row in scored) / len(scored) if scored else 0.0
+
     # ---- constrained decoding (finetune.tasks.grammar) ---------------------------------------
     per_input = False  # whether the constraint depends on the input answered (answer_constraint(text))
 

@@ -120,24 +120,35 @@ class ClassificationTask(Task):
             rows.append({"parsed": p, "correct": p == reference, "valid": p is not None})
         n = len(outputs)
         metrics: dict[str, float] = {"n": n}
-        # Every label of the set, and any reference label the set lacks (one the training split never held):
-        # the macro average is over the labels the references or the answers hold, as scikit-learn's
-        # f1_score(average="macro") takes them, so a label with no test row is not an automatic zero.
-        classes = self.labels + [r for r in dict.fromkeys(references) if r not in self.labels]
-        per_label = {}
-        for label in classes:
-            tp = sum(1 for r, p in zip(references, parsed) if r == label and p == label)
-            fp = sum(1 for r, p in zip(references, parsed) if r != label and p == label)
-            fn = sum(1 for r, p in zip(references, parsed) if r == label and p != label)
-            precision = tp / (tp + fp) if tp + fp else 0.0
-            recall = tp / (tp + fn) if tp + fn else 0.0
-            per_label[label] = f1(precision, recall)
-        present = [label for label in classes if label in references or label in parsed]
-        metrics["macro_f1"] = sum(per_label[label] for label in present) / len(present) if present else 0.0
+        metrics["macro_f1"], per_label = self._macro_f1(references, parsed)
         metrics["accuracy"] = sum(r["correct"] for r in rows) / n if n else 0.0
         metrics["invalid_rate"] = sum(not r["valid"] for r in rows) / n if n else 0.0
         metrics.update({f"f1_{label}": value for label, value in per_label.items()})
         return metrics, rows
+
+    def headline(self, references: list, scored: list[dict]) -> float:
+        return self._macro_f1(references, [row["parsed"] for row in scored])[0]
+
+    def _macro_f1(self, references: list, parsed: list) -> tuple[float, dict[str, float]]:
+        """Macro-F1 and F1 per label. Every label of the set, and any reference label the set lacks (one the
+        training split never held): the macro average is over the labels the references or the answers hold, as
+        scikit-learn's f1_score(average="macro") takes them, so a label with no test row is not an automatic
+        zero. An invalid answer (None) is a miss for its reference and a false positive for no label."""
+        tp: collections.Counter = collections.Counter()
+        fp: collections.Counter = collections.Counter()
+        fn: collections.Counter = collections.Counter()
+        for reference, answer in zip(references, parsed):
+            if answer == reference:
+                tp[reference] += 1
+            else:
+                fn[reference] += 1
+                fp[answer] += 1
+        classes = self.labels + [r for r in dict.fromkeys(references) if r not in self.labels]
+        per_label = {label: f1(tp[label] / (tp[label] + fp[label]) if tp[label] + fp[label] else 0.0,
+                               tp[label] / (tp[label] + fn[label]) if tp[label] + fn[label] else 0.0)
+                     for label in classes}
+        present = [label for label in classes if tp[label] + fn[label] + fp[label]]
+        return (sum(per_label[label] for label in present) / len(present) if present else 0.0), per_label
 
     # ---- baseline -----------------------------------------------------------------------
     def baseline(self, name: str, train_rows: list[dict], test_rows: list[dict]) -> tuple[list[str], dict] | None:

@@ -288,6 +288,11 @@ class ExtractionTask(Task):
         }
         return metrics, rows
 
+    def headline(self, references: list, scored: list[dict]) -> float:
+        """Field F1 pooled over the rows' field counts (as `score`)."""
+        tp, fp, fn = (sum(row[k] for row in scored) for k in ("tp", "fp", "fn"))
+        return f1(tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn) if tp + fn else 0.0)
+
     # ---- baselines --------------------------------------------------------------------
     def baseline(self, name: str, train_rows: list[dict], test_rows: list[dict]) -> tuple[list[str], dict] | None:
         """crf: a CRF tagger of the answer's spans, trained on train_rows (None when the answers are not
