@@ -185,8 +185,8 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         collator = shared_prefix.enable(base, trainer.data_collator, cfg.method.max_length)
         trainer.data_collator = collator or trainer.data_collator
-    opening = {} if cfg.method.packing else opening_cost(trainer.train_dataset, cfg.method, shared=bool(collator),
-                                                         budgeted=budget is not None)
+    opening = {} if cfg.method.packing else opening_report(trainer.train_dataset, cfg.method,
+                                                           shared=bool(collator), budgeted=budget is not None)
     trainer.validation_scorer, trainer.select_by_task = (scorer or None), by_task
     steps = planned_steps(cfg.method, len(trainer.train_dataset), args.world_size)
     args.warmup_steps = warmup_steps(cfg.method, steps)
@@ -209,7 +209,7 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
     return trainer, info
 
 
-def opening_cost(dataset: Any, method: MethodConfig, shared: bool, budgeted: bool) -> dict:
+def opening_report(dataset: Any, method: MethodConfig, shared: bool, budgeted: bool) -> dict:
     """shared_prefix.opening_cost over the first OPENING_SAMPLE training rows; a warning where the opening is
     most of what a step computes and training runs for a time budget, so every token of it costs steps."""
     sample = dataset.select(range(min(len(dataset), OPENING_SAMPLE)))
