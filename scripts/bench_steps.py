@@ -11,6 +11,14 @@ checkpoint) and reports the mean seconds of steps 3..N (step 1 pays one-time cos
 per step and the rows' tokens. Runs alternate (ours, before, ours, before, ...) so that a machine whose speed
 drifts over minutes (a VM) moves both arms alike; the ratio of the arms' medians is printed.
 
+Utilisation: step 2 of each run is also counted by torch's FlopCounterMode (every matrix product
+autograd and the attention actually computed, forward and backward: a shared opening once per batch, frozen
+layers without their weight gradients; the counting makes that step slow, and it is not timed). Each run measures
+its matrix-product peak in the precision it trains in (the best 2048^3 torch.mm, scripts/_bench.py) right after
+its timed steps, in the same process and burst of the machine's speed, and prints
+    utilisation = FLOPs of a step / mean seconds of steps 3..N / that peak,
+with a step's FLOPs = step 2's per computed token x the timed steps' mean computed tokens (rows differ in length).
+
 Why not scripts/bench_train.py: it runs both trainers as threads of one process, which on a 2-core CPU made
 every step ~2x slower than the same trainer alone (and the slowdown grew round by round); step-time ratios
 of a few tens of percent drown in that. Both arms here use the same rows in the same order.
@@ -67,6 +75,9 @@ def child(steps: int, overrides: list[str]) -> None:
     def faults() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
+    tokens: list[int] = []  # computed tokens of each optimizer step
+    step_tokens = [0]  # of the step running
+
     class Clock(TrainerCallback):
         def __init__(self):
             self.seconds, self.faults, self.start, self.start_faults = [], [], 0.0, 0
@@ -77,15 +88,34 @@ def child(steps: int, overrides: list[str]) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self.start)
             self.faults.append(faults() - self.start_faults)
+            tokens.append(step_tokens.pop())
+            step_tokens.append(0)
 
-    clock = Clock()
+    class Counter(TrainerCallback):
+        """FLOPs of step 2 (state.global_step == 1 when it begins), not a timed step."""
+
+        def __init__(self):
+            self.mode, self.flops = None, 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                self.mode = FlopCounterMode(display=False)
+                self.mode.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                self.flops, self.mode = self.mode.get_total_flops(), None
+
+    clock, counter = Clock(), Counter()
+    trainer.add_callback(counter)
     trainer.add_callback(clock)
-    tokens = 0
     inner = trainer.training_step
 
     def training_step(model, inputs, *args, **kwargs):
-        nonlocal tokens
-        tokens += int(inputs["input_ids"].numel())
+        step_tokens[-1] += int(inputs["input_ids"].numel())  # every micro-batch of the step
         return inner(model, inputs, *args, **kwargs)
 
     trainer.training_step = training_step
@@ -94,9 +124,16 @@ def child(steps: int, overrides: list[str]) -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the last step's checkpoint: ~1.6 GB at 135M, per run
     timed = clock.seconds[2:] or clock.seconds
-    print(json.dumps({"mean_s": statistics.mean(timed), "steps_s": [round(s, 3) for s in clock.seconds],
+    mean_s = statistics.mean(timed)
+    timed_tokens = statistics.mean(tokens[2:] or tokens)
+    # step 2's FLOPs per computed token, times the timed steps' mean tokens (their rows differ in length)
+    gflop = counter.flops / 1e9 / tokens[1] * timed_tokens if counter.flops and len(tokens) > 1 else 0.0
+    peak = _bench.gemm_peak()["bf16" if info["precision"] == "bf16" else "fp32"]
+    print(json.dumps({"mean_s": mean_s, "steps_s": [round(s, 3) for s in clock.seconds],
+                      "gflop_per_step": round(gflop, 1), "gemm_peak_gflop_s": peak,
+                      "utilisation": round(gflop / mean_s / peak, 3) if peak and gflop else None,
                       "faults_per_step": round(statistics.mean(clock.faults[2:] or clock.faults)),
-                      "computed_tokens_per_step": round(tokens / max(len(clock.seconds), 1), 1),
+                      "computed_tokens_per_step": round(timed_tokens, 1),
                       "precision": info["precision"]}))
 
 
@@ -121,11 +158,15 @@ def main() -> None:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             results[name].append(result)
             print(f"pair {i + 1}/{a.pairs} {name:6s} {result['mean_s']:.3f} s/step | {result['faults_per_step']:7d} "
-                  f"faults/step | {result['computed_tokens_per_step']:.0f} computed tokens/step", flush=True)
+                  f"faults/step | {result['computed_tokens_per_step']:.0f} computed tokens/step | "
+                  f"{result['gflop_per_step']} GFLOP/step, {result['precision']} peak {result['gemm_peak_gflop_s']} "
+                  f"GFLOP/s, utilisation {result['utilisation']}", flush=True)
     summary = {name: {"median_s": round(statistics.median(r["mean_s"] for r in runs), 3),
                       "runs_s": [round(r["mean_s"], 3) for r in runs],
                       "faults_per_step": round(statistics.median(r["faults_per_step"] for r in runs)),
                       "computed_tokens_per_step": runs[0]["computed_tokens_per_step"],
+                      "gflop_per_step": runs[0]["gflop_per_step"],
+                      "utilisation_median": statistics.median(r["utilisation"] or 0.0 for r in runs),
                       "precision": runs[0]["precision"]} for name, runs in results.items()}
     ratio = summary["before"]["median_s"] / summary["ours"]["median_s"]
     print(f"\nbefore/ours seconds per step: {ratio:.2f}x  (ours {summary['ours']['median_s']} s, before "
