@@ -13,7 +13,9 @@ from finetune.evaluate.stage import with_shots
 from finetune.models.loading import load_model, load_tokenizer, render_prompt
 from finetune.runtimes.generation import Sampling
 from finetune.runtimes.transformers import generate_transformers, stop_token_ids
-from finetune.runtimes.transformers_batch import decode_greedy, supports_continuous
+from finetune.runtimes import transformers_batch
+from finetune.runtimes.transformers_batch import (SHARED_MIN, decode_greedy, prefill, prefill_after, shared_prefix,
+                                                  supports_continuous)
 from finetune.tasks import get_task
 
 STOP = ["<|im_end|>"]
@@ -129,3 +131,42 @@ def test_an_answer_the_grammar_never_steered_is_the_unconstrained_answer(smollm2
     assert any(steered) and not all(steered), steered  # both kinds of row
     assert steered == [answers([h]) != answers([f]) for h, f in zip(held, free)]
     assert all(g.steered is None for g in free)  # nothing to steer without a grammar
+
+
+def test_a_shared_opening_is_computed_once_and_gives_the_same_cache_and_answers(smollm2, monkeypatch):
+    """Prompts that begin alike (the task's system prompt and template opening, zero- and two-shot) have that
+    opening computed once: each row's cache, mask and first logits equal a whole-prompt prefill's (the padding
+    moved in front of the prefix), and the answers equal per-batch generate's, with and without the grammar."""
+    import torch
+
+    cfg, task, tokenizer, model = smollm2
+    prompts = extraction_prompts(cfg, task, tokenizer)[:-1]  # "Say hi" has another opening
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    with torch_threads(1), torch.inference_mode():
+        length, prefix = shared_prefix(model, ids, "past_key_values")
+        assert length >= SHARED_MIN and all(i[:length] == ids[0][:length] for i in ids)
+        assert all(len(i) > length for i in ids) and len({i[length] for i in ids}) > 1  # the longest common opening
+        logits, cache, mask = prefill_after(model, prefix, length, [i[length:] for i in ids], 0, "past_key_values")
+        tokenizer.padding_side = "left"
+        try:
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tokenizer.padding_side = "right"
+        logits_whole, cache_whole, mask_whole = prefill(model, enc["input_ids"], enc["attention_mask"],
+                                                        "past_key_values")
+    assert torch.equal(mask, mask_whole)
+    assert torch.allclose(logits, logits_whole, atol=1e-4)
+    real = mask.bool()[:, None, :, None]  # padding columns hold different filler on the two sides
+    for ours, whole in zip(cache.layers, cache_whole.layers):
+        assert ours.keys.shape == whole.keys.shape
+        assert torch.allclose(ours.keys * real, whole.keys * real, atol=1e-4)
+        assert torch.allclose(ours.values * real, whole.values * real, atol=1e-4)
+
+    calls = []
+    real_prefill_after = transformers_batch.prefill_after
+    monkeypatch.setattr(transformers_batch, "prefill_after",
+                        lambda *a, **k: calls.append(1) or real_prefill_after(*a, **k))
+    for grammar in (None, task.answer_grammar()):
+        per_batch, continuous = both_paths(model, tokenizer, prompts, max_new_tokens=48, grammar=grammar)
+        assert answers(continuous) == answers(per_batch)
+    assert len(calls) >= 4  # 7 prompts through 3 slots: later admissions went through the shared opening too

@@ -10,6 +10,12 @@ Free slots take the next waiting prompts (generate_transformers' length order): 
 as one left-padded batch, as generate() prefills, and their cache joins the running one, the shorter side
 padded on the left. So a batch costs what its live rows cost, not what its longest answer costs.
 
+Prompts that begin with the same SHARED_MIN or more tokens (a task's system prompt and the chat template's
+opening, few-shot examples) have those computed once per call (shared_prefix); each admitted batch then computes
+only its prompts' own tokens, attending to a copy of that cache per row (prefill_after), and the cache is laid
+out as prefill() lays it. Extraction's 57-token opening is ~65% of its ~87-token prompts; a 161-token system
+prompt listing 50 labels made transformers answer 538 questions in 151 s against 56 s for a short one.
+
 Greedy answers are the argmax of the same logits under the same grammar mask as generate()'s. They can still
 differ in the last bits: a row shares its steps with other rows and other padding than in its fixed batch,
 and CPU kernels (SDPA's blocked softmax, GEMM blocking) then sum in another order; a near-tie of the top two
@@ -42,6 +48,7 @@ GREEDY_PROCESSORS = ("repetition_penalty", "encoder_repetition_penalty", "no_rep
                      "sequence_bias", "exponential_decay_length_penalty", "guidance_scale", "watermarking_config",
                      "renormalize_logits")
 NEUTRAL = (None, 0, 1, 1.0, False, [], {})
+SHARED_MIN = 16  # prompts that begin with this many common tokens have them computed once (shared_prefix)
 
 
 @dataclass
@@ -166,6 +173,55 @@ def prefill(model: Any, input_ids: Any, mask: Any, cache_kw: str) -> tuple[Any, 
     return out.logits[:, -1, :], cache, mask
 
 
+def shared_prefix(model: Any, token_ids: list[list[int]], cache_kw: str) -> tuple[int, Any]:
+    """The tokens every prompt begins with (SHARED_MIN or more, leaving each prompt one of its own) and their
+    cache, computed once; (0, None) when the prompts share fewer."""
+    import torch
+    from transformers import DynamicCache
+
+    first, limit = token_ids[0], min(len(ids) for ids in token_ids) - 1
+    length = 0
+    while length < limit and all(ids[length] == first[length] for ids in token_ids[1:]):
+        length += 1
+    if length < SHARED_MIN:
+        return 0, None
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    positions = torch.arange(length, device=device)[None]
+    model(input_ids=torch.tensor([first[:length]], device=device), position_ids=positions, use_cache=True,
+          logits_to_keep=1, **{cache_kw: cache})
+    return length, cache
+
+
+def prefill_after(model: Any, prefix: Any, length: int, suffixes: list[list[int]], pad_id: int,
+                  cache_kw: str) -> tuple[Any, Any, Any]:
+    """prefill() of prompts that all begin with the `length` tokens whose cache is `prefix`: only each
+    prompt's own tokens (`suffixes`, left-padded) are computed, attending to a copy of the prefix per row. The
+    cache comes back in prefill()'s layout (each row right-aligned: padding, prefix, its own tokens)."""
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    n, width = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in suffixes], device=device)
+    own = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(prefix.layers):
+        cache.update(layer.keys.expand(n, -1, -1, -1).contiguous(), layer.values.expand(n, -1, -1, -1).contiguous(), i)
+    positions = (own.cumsum(-1) - 1).clamp(min=0) + length
+    mask = torch.cat([own.new_ones((n, length)), own], dim=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache})
+    # Columns are [prefix | padding | own tokens]; move each row's padding in front of its prefix.
+    pad = (width - own.sum(dim=1))[:, None]
+    col = torch.arange(length + width, device=device)[None].expand(n, -1)
+    source = torch.where(col < pad, col + length, torch.where(col < pad + length, col - pad, col))
+    for layer in cache.layers:
+        index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+    return out.logits[:, -1, :], cache, (col >= pad).long()
+
+
 def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[int], stop_ids: list[int],
                   max_new_tokens: int, slots: int, add_special: bool, matchers: list[Any] | None = None,
                   want_logprobs: bool = False) -> list[Answer]:
@@ -182,6 +238,9 @@ def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[in
     answers: list[Answer | None] = [None] * len(prompts)
     batch = Batch()
     pending = None  # each live row's last chosen token, not yet in the cache
+    token_ids = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+    shared, prefix = shared_prefix(model, token_ids, cache_kw) if len(prompts) > 1 else (0, None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         while waiting or batch.live:
@@ -192,9 +251,13 @@ def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[in
                         for i in idx]
                 for a in rows:
                     answers[a.index] = a
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                                add_special_tokens=add_special).to(device)
-                logits, cache, mask = prefill(model, enc["input_ids"], enc["attention_mask"], cache_kw)
+                if prefix is not None:
+                    logits, cache, mask = prefill_after(model, prefix, shared, [token_ids[i][shared:] for i in idx],
+                                                        pad_id, cache_kw)
+                else:
+                    enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                    add_special_tokens=add_special).to(device)
+                    logits, cache, mask = prefill(model, enc["input_ids"], enc["attention_mask"], cache_kw)
                 first = choose(rows, logits, stops, max_new_tokens, want_logprobs)
                 batch.join(rows, cache, mask)
                 pending = first if pending is None else torch.cat([pending, first])
