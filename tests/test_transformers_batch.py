@@ -139,21 +139,24 @@ def test_a_shared_opening_is_computed_once_and_gives_the_same_cache_and_answers(
     moved in front of the prefix), and the answers equal per-batch generate's, with and without the grammar."""
     import torch
 
+    import inspect
+
     cfg, task, tokenizer, model = smollm2
+    parameters = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in parameters else "past_key_values"  # as decode_greedy names it
     prompts = extraction_prompts(cfg, task, tokenizer)[:-1]  # "Say hi" has another opening
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     with torch_threads(1), torch.inference_mode():
-        length, prefix = shared_prefix(model, ids, "past_key_values")
+        length, prefix = shared_prefix(model, ids, cache_kw)
         assert length >= SHARED_MIN and all(i[:length] == ids[0][:length] for i in ids)
         assert all(len(i) > length for i in ids) and len({i[length] for i in ids}) > 1  # the longest common opening
-        logits, cache, mask = prefill_after(model, prefix, length, [i[length:] for i in ids], 0, "past_key_values")
+        logits, cache, mask = prefill_after(model, prefix, length, [i[length:] for i in ids], 0, cache_kw)
         tokenizer.padding_side = "left"
         try:
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         finally:
             tokenizer.padding_side = "right"
-        logits_whole, cache_whole, mask_whole = prefill(model, enc["input_ids"], enc["attention_mask"],
-                                                        "past_key_values")
+        logits_whole, cache_whole, mask_whole = prefill(model, enc["input_ids"], enc["attention_mask"], cache_kw)
     assert torch.equal(mask, mask_whole)
     assert torch.allclose(logits, logits_whole, atol=1e-4)
     real = mask.bool()[:, None, :, None]  # padding columns hold different filler on the two sides
