@@ -10,12 +10,12 @@ from finetune.core.errors import ConfigError
 from finetune.data.prepare import split_task_data
 from finetune.models.gguf_source import packaged_gguf_path
 from finetune.models.loading import load_tokenizer, render_prompt
-from finetune.runtimes.generation import Sampling
+from finetune.runtimes.generation import Sampling, common_prefix
 from finetune.runtimes.llamacpp import generate_llama_cpp, open_gguf, prompt_tokens
 from finetune.runtimes.llamacpp_batch import (
     AnswerState,
+    OWN_MIN,
     BatchedLlama,
-    common_prefix,
     context_size,
     generate_llama_cpp_batched,
 )
@@ -144,9 +144,9 @@ def test_answer_state_stops_as_create_completion():
 
 
 def test_common_prefix_leaves_each_prompt_two_tokens():
-    assert common_prefix([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9]]) == 3
-    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 4]]) == 2
-    assert common_prefix([[1, 2, 3]]) == 0
+    assert common_prefix([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9]], OWN_MIN) == 3
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 4]], OWN_MIN) == 2
+    assert common_prefix([[1, 2, 3]], OWN_MIN) == 0
     assert context_size(107, 128) == 256 and context_size(120, 128) == 512
 
 

@@ -13,6 +13,18 @@ from typing import Sequence, Union
 Grammars = Union[str, Sequence[Union[str, None]], None]
 
 
+def common_prefix(token_lists: list[list[int]], keep: int) -> int:
+    """Tokens every list starts with, leaving each at least `keep` of its own (0 for fewer than two lists): the
+    prompt opening both runtimes compute once per call."""
+    if len(token_lists) < 2:
+        return 0
+    first, limit = token_lists[0], min(len(t) for t in token_lists) - keep
+    length = 0
+    while length < limit and all(t[length] == first[length] for t in token_lists):
+        length += 1
+    return length
+
+
 def per_prompt(grammar: Grammars, n: int) -> list[str | None]:
     """One grammar (or None) for each of `n` prompts: `grammar` for all, or a list giving each its own."""
     if grammar is None or isinstance(grammar, str):

@@ -33,10 +33,13 @@ from typing import Any
 
 from finetune.core.errors import ConfigError, ExportError
 from finetune.core.hardware import cpu_threads
-from finetune.runtimes.generation import Generation, Grammars, Sampling, per_prompt
+from finetune.runtimes.generation import Generation, Grammars, Sampling, common_prefix, per_prompt
 from finetune.runtimes.llamacpp import open_gguf, prompt_tokens
 from finetune.runtimes.llamacpp_stops import AnswerState  # noqa: F401 - part of this module's interface
 
+# Tokens each prompt keeps of its own beyond a shared prefix: a suffix of one token would be decoded one-wide,
+# through other kernels than the one-at-a-time path's.
+OWN_MIN = 2
 MAX_PARALLEL = 255  # llama.cpp holds at most 256 sequences; one stream holds the shared prefix
 
 
@@ -103,18 +106,6 @@ def grammar_accepts(grammar_sampler: Any, token: int, logit: float) -> bool:
     candidates = llama_cpp.llama_token_data_array(data, 1, -1, False)
     llama_cpp.llama_sampler_apply(grammar_sampler, ctypes.byref(candidates))
     return data[0].logit != -math.inf
-
-
-def common_prefix(token_lists: list[list[int]]) -> int:
-    """Tokens every prompt starts with, leaving each prompt at least two of its own: a suffix of one
-    token would be decoded one-wide, through other kernels than the one-at-a-time path's."""
-    if len(token_lists) < 2:
-        return 0
-    first, n = token_lists[0], min(len(t) for t in token_lists)
-    k = 0
-    while k < n and all(t[k] == first[k] for t in token_lists):
-        k += 1
-    return max(0, min(k, n - 2))
 
 
 class Decoder:
@@ -280,7 +271,7 @@ class BatchedLlama:
         token_lists = [prompt_tokens(llm, p, bos_token) for p in prompts]
         # One prompt (a server's request): its prefix in common with the previous call's, as a server's
         # prompt cache keeps it; the prefix stream holds it from the earlier call when it still matches.
-        prefix = common_prefix(token_lists if len(prompts) > 1 else [self._last, token_lists[0]])
+        prefix = common_prefix(token_lists if len(prompts) > 1 else [self._last, token_lists[0]], OWN_MIN)
         self._last = token_lists[0]
         seeds = completion_seeds(sampling.seed, len(prompts))
         grammars = per_prompt(grammar, len(prompts))

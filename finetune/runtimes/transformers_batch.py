@@ -38,7 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.runtimes.generation import Generation
+from finetune.runtimes.generation import Generation, common_prefix
 
 # GenerationConfig fields that add a logits processor to greedy search; generate() takes them from the
 # model's generation_config when ours leaves them unset. This loop applies none of them.
@@ -161,6 +161,17 @@ def choose(rows: list[Answer], logits: Any, stop_ids: set[int], max_new_tokens: 
     return chosen[:, None]
 
 
+def left_padded(token_ids: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """(input ids, attention mask) of token lists padded on the left to the longest, as a tokenizer pads with
+    padding_side="left"."""
+    import torch
+
+    width = max(len(ids) for ids in token_ids)
+    ids = torch.tensor([[pad_id] * (width - len(t)) + t for t in token_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in token_ids], device=device)
+    return ids, mask
+
+
 def prefill(model: Any, input_ids: Any, mask: Any, cache_kw: str) -> tuple[Any, Any, Any]:
     """One left-padded batch of prompts into a new cache, positions as generate() counts them; returns the
     last position's logits, the cache and the mask."""
@@ -179,16 +190,13 @@ def shared_prefix(model: Any, token_ids: list[list[int]], cache_kw: str) -> tupl
     import torch
     from transformers import DynamicCache
 
-    first, limit = token_ids[0], min(len(ids) for ids in token_ids) - 1
-    length = 0
-    while length < limit and all(ids[length] == first[length] for ids in token_ids[1:]):
-        length += 1
+    length = common_prefix(token_ids, keep=1)
     if length < SHARED_MIN:
         return 0, None
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     positions = torch.arange(length, device=device)[None]
-    model(input_ids=torch.tensor([first[:length]], device=device), position_ids=positions, use_cache=True,
+    model(input_ids=torch.tensor([token_ids[0][:length]], device=device), position_ids=positions, use_cache=True,
           logits_to_keep=1, **{cache_kw: cache})
     return length, cache
 
@@ -201,10 +209,8 @@ def prefill_after(model: Any, prefix: Any, length: int, suffixes: list[list[int]
     import torch
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
-    n, width = len(suffixes), max(len(s) for s in suffixes)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in suffixes], device=device)
-    own = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
+    ids, own = left_padded(suffixes, pad_id, next(model.parameters()).device)
+    (n, width), device = ids.shape, ids.device
     cache = DynamicCache(config=model.config)
     for i, layer in enumerate(prefix.layers):
         cache.update(layer.keys.expand(n, -1, -1, -1).contiguous(), layer.values.expand(n, -1, -1, -1).contiguous(), i)
@@ -239,42 +245,37 @@ def decode_greedy(model: Any, tokenizer: Any, prompts: list[str], order: list[in
     batch = Batch()
     pending = None  # each live row's last chosen token, not yet in the cache
     token_ids = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
-    shared, prefix = shared_prefix(model, token_ids, cache_kw) if len(prompts) > 1 else (0, None)
+    shared, prefix = shared_prefix(model, token_ids, cache_kw)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        while waiting or batch.live:
-            free = slots - len(batch.live)
-            if free > 0 and waiting:
-                idx = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                rows = [Answer(i, matchers[i].deep_copy() if matchers and matchers[i] is not None else None)
-                        for i in idx]
-                for a in rows:
-                    answers[a.index] = a
-                if prefix is not None:
-                    logits, cache, mask = prefill_after(model, prefix, shared, [token_ids[i][shared:] for i in idx],
-                                                        pad_id, cache_kw)
-                else:
-                    enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                                    add_special_tokens=add_special).to(device)
-                    logits, cache, mask = prefill(model, enc["input_ids"], enc["attention_mask"], cache_kw)
-                first = choose(rows, logits, stops, max_new_tokens, want_logprobs)
-                batch.join(rows, cache, mask)
-                pending = first if pending is None else torch.cat([pending, first])
-            kept = [r for r, a in enumerate(batch.live) if not a.done]
-            if len(kept) < len(batch.live):
-                pending = pending[torch.tensor(kept, device=pending.device)] if kept else None
-                batch.drop_finished()
-            if not batch.live or (waiting and len(batch.live) < slots):
-                continue  # admit before decoding, so the new rows share this step
-            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.live), 1))], dim=1)
-            positions = batch.mask.long().sum(dim=1, keepdim=True)
-            out = model(input_ids=pending, attention_mask=mask, position_ids=positions,
-                        use_cache=True, logits_to_keep=1, **{cache_kw: batch.cache})
-            batch.mask = mask
-            pending = choose(batch.live, out.logits[:, -1, :], stops, max_new_tokens, want_logprobs)
-    finally:
-        tokenizer.padding_side = padding_side
+    while waiting or batch.live:
+        free = slots - len(batch.live)
+        if free > 0 and waiting:
+            idx = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+            rows = [Answer(i, matchers[i].deep_copy() if matchers and matchers[i] is not None else None)
+                    for i in idx]
+            for a in rows:
+                answers[a.index] = a
+            if prefix is not None:
+                logits, cache, mask = prefill_after(model, prefix, shared, [token_ids[i][shared:] for i in idx],
+                                                    pad_id, cache_kw)
+            else:
+                logits, cache, mask = prefill(model, *left_padded([token_ids[i] for i in idx], pad_id, device),
+                                              cache_kw)
+            first = choose(rows, logits, stops, max_new_tokens, want_logprobs)
+            batch.join(rows, cache, mask)
+            pending = first if pending is None else torch.cat([pending, first])
+        kept = [r for r, a in enumerate(batch.live) if not a.done]
+        if len(kept) < len(batch.live):
+            pending = pending[torch.tensor(kept, device=pending.device)] if kept else None
+            batch.drop_finished()
+        if not batch.live or (waiting and len(batch.live) < slots):
+            continue  # admit before decoding, so the new rows share this step
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.live), 1))], dim=1)
+        positions = batch.mask.long().sum(dim=1, keepdim=True)
+        out = model(input_ids=pending, attention_mask=mask, position_ids=positions,
+                    use_cache=True, logits_to_keep=1, **{cache_kw: batch.cache})
+        batch.mask = mask
+        pending = choose(batch.live, out.logits[:, -1, :], stops, max_new_tokens, want_logprobs)
     return answers  # type: ignore[return-value]
 
 
