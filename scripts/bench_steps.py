@@ -75,21 +75,19 @@ def child(steps: int, overrides: list[str]) -> None:
     def faults() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    tokens: list[int] = []  # computed tokens of each optimizer step
-    step_tokens = [0]  # of the step running
-
     class Clock(TrainerCallback):
         def __init__(self):
             self.seconds, self.faults, self.start, self.start_faults = [], [], 0.0, 0
+            self.tokens: list[int] = []  # computed tokens of each optimizer step
+            self.running = 0  # of the step running: every micro-batch's (training_step below)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.start, self.start_faults = time.perf_counter(), faults()
+            self.start, self.start_faults, self.running = time.perf_counter(), faults(), 0
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self.start)
             self.faults.append(faults() - self.start_faults)
-            tokens.append(step_tokens.pop())
-            step_tokens.append(0)
+            self.tokens.append(self.running)
 
     class Counter(TrainerCallback):
         """FLOPs of step 2 (state.global_step == 1 when it begins), not a timed step."""
@@ -115,7 +113,7 @@ def child(steps: int, overrides: list[str]) -> None:
     inner = trainer.training_step
 
     def training_step(model, inputs, *args, **kwargs):
-        step_tokens[-1] += int(inputs["input_ids"].numel())  # every micro-batch of the step
+        clock.running += int(inputs["input_ids"].numel())
         return inner(model, inputs, *args, **kwargs)
 
     trainer.training_step = training_step
@@ -125,6 +123,7 @@ def child(steps: int, overrides: list[str]) -> None:
         shutil.rmtree(root, ignore_errors=True)  # the last step's checkpoint: ~1.6 GB at 135M, per run
     timed = clock.seconds[2:] or clock.seconds
     mean_s = statistics.mean(timed)
+    tokens = clock.tokens
     timed_tokens = statistics.mean(tokens[2:] or tokens)
     # step 2's FLOPs per computed token, times the timed steps' mean tokens (their rows differ in length)
     gflop = counter.flops / 1e9 / tokens[1] * timed_tokens if counter.flops and len(tokens) > 1 else 0.0
