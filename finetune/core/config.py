@@ -276,20 +276,20 @@ class EvaluateConfig:
     compare: List[str] = field(default_factory=list)  # registry model names, zero/few-shot
     specialist: bool = True  # the task's non-LLM baselines (task.specialist and task.reference_baselines)
     artifacts: bool = True  # evaluate every exported artifact in its runtime
-    # The merged checkpoint too (transformers). Off: the merge stage already checks its logits equal the adapter's.
-    merged: bool = False
-    # Reuse the base and comparison models' answers from an earlier run when the model files, prompts, decoding,
-    # grammar and library versions are all the same (finetune.evaluate.cache; ~/.cache/finetune/answers).
+    merged: bool = False  # the merged checkpoint too (transformers); off: merge checks its logits equal the adapter's
+    # Reuse base and comparison answers of earlier runs when models, prompts, decoding, grammar, versions match
     cache: bool = True
-    # GGUFs: sequences decoded together per llama.cpp call (1: one prompt at a time, as a server answers one
-    # request). Q8_0 answers are identical either way; K-quant kernels depend on the batch width, so Q4_K_M
-    # answers can differ in a few rows (docs/llamacpp-batching.md). ~1.6x the tokens/s of one at a time.
+    # GGUFs: sequences per llama.cpp call (1: one prompt at a time, as a server answers a request); ~1.6x the
+    # tokens/s. K-quant kernels depend on the batch width: a few Q4_K_M answers can differ (docs/llamacpp-batching.md).
     llama_cpp_parallel: int = 16
-    # Decode every model under the task's answer constraint (extraction: its JSON schema, classification: its
-    # label set; finetune.tasks.grammar), as a deployment would. Generation tasks have none.
+    # Checkpoints also served by a vLLM server and scored, as vllm-<name>: merged, gptq. vLLM runs from its own
+    # environment (evaluate.vllm_python, else .venv-vllm from scripts/setup.sh --vllm; docs/vllm.md).
+    vllm: List[str] = field(default_factory=list)
+    vllm_python: Optional[str] = None
+    vllm_parallel: int = 32  # requests in flight: the server batches them
+    # Decode every model under the task's answer constraint (JSON schema, label set), as a deployment would
     constrained: bool = True
-    # Models also evaluated without the constraint, as "<name>-unconstrained": names or globs of evaluated
-    # models (base, finetuned, merged, gptq, gguf-*, a compare model); [] for none. One extra pass each.
+    # Also evaluated without it, as "<name>-unconstrained": names or globs of evaluated models ([]: none)
     unconstrained: List[str] = field(default_factory=lambda: ["finetuned"])
     n_threads: Optional[int] = None  # generation threads (torch and llama.cpp); None = all cores
     precision: Precision = Precision.auto  # generation dtype: auto = bf16 on a bf16 GPU, else fp32 (docs/training.md)

@@ -38,6 +38,7 @@ from finetune.evaluate.cache import answers_key, load_answers, save_answers
 from finetune.evaluate.intervals import against
 from finetune.evaluate.metrics import read_json, score, write_predictions
 from finetune.evaluate.report import write_report
+from finetune.evaluate.served import vllm_artifacts
 from finetune.models.loading import (
     device_for,
     has_tokenizer,
@@ -299,6 +300,7 @@ def artifacts(s: Session) -> None:
             name = gguf_name(path, set(s.models))
             info = {"source": str(path), "size_bytes": path.stat().st_size}
             s.guarded(name, info, functools.partial(s.gguf, name, path, tokenizer, info))
+    vllm_artifacts(s)
 
 
 def comparison_models(s: Session) -> None:
