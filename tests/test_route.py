@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from omegaconf import OmegaConf
 from finetune.core.config import compose
 from finetune.core.errors import ConfigError
 from finetune.core.hardware import torch_threads
+from finetune.core.processes import free_port, wait_http
 from finetune.core.rundir import RunDir
 from finetune.data.prepare import prepare
 from finetune.data.rows import read_rows
@@ -42,25 +42,6 @@ MAX_NEW_TOKENS = 48
 STRONG_ALIAS = "strong-smollm2"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
 @pytest.fixture(scope="module")
 def strong_server(tmp_path_factory):
     """llama.cpp's OpenAI-compatible server on the packaged SmolLM2 GGUF: the strong side's endpoint."""
@@ -72,7 +53,7 @@ def strong_server(tmp_path_factory):
          "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--model_alias", STRONG_ALIAS],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=server_env())
     try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, log)
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, log, 120)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
@@ -291,7 +272,7 @@ def test_serve_http(routed, tmp_path):
                              "--serve", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=log.open("w"),
                             text=True, cwd=ROOT)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, log)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log, 120)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/route", method="POST",
                                          data=json.dumps({"input": "5 Park Pl Newark NJ 07102"}).encode())
         decision = json.loads(urllib.request.urlopen(request, timeout=120).read())

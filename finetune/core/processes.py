@@ -1,12 +1,17 @@
 """Child processes that end with their parent: a converter or quantizer left running after the run was
-killed would keep writing into the run directory."""
+killed would keep writing into the run directory. And the two things every server we start needs: a free port,
+and a wait until it answers."""
 
 from __future__ import annotations
 
 import ctypes
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
@@ -25,3 +30,27 @@ def run_child(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
     """subprocess.run for our children: output captured as text, killed on Ctrl-C or any error of ours
     (subprocess.run does that), and by the kernel if we are killed."""
     return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server we start."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log_path: Path, seconds: float) -> None:
+    """Return once `url` answers; raise if `proc`, the server writing `log_path`, exits first (with the end of
+    that log), or when `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-5:])
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered ({log_path}): "
+                               f"{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds:.0f} s ({log_path})")

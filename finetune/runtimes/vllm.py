@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
-from finetune.core.processes import die_with_parent, run_child
+from finetune.core.processes import die_with_parent, free_port, run_child, wait_http
 from finetune.runtimes.generation import Generation, Grammars, Sampling, per_prompt
 
 SERVED_NAME = "finetune"
@@ -52,35 +51,12 @@ def missing(python: str | None) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise RuntimeError(f"the vLLM server exited with {proc.returncode} before it answered "
-                               f"({log_path}): " + " | ".join(tail))
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=5):
-                return
-        except OSError:
-            time.sleep(2)
-    raise RuntimeError(f"the vLLM server did not answer within {timeout_s:.0f} s ({log_path})")
-
-
 @contextlib.contextmanager
 def served(python: str, model_dir: Path, log_path: Path, max_model_len: int, dtype: str, device: str,
            threads: int, timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
     """An OpenAI-compatible vLLM server on `model_dir` while the block runs; yields its base URL (…/v1). Its
     output goes to `log_path`; it and its workers are stopped on the way out, and die with us if we are killed."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     if device == "cpu":  # vLLM keeps one thread for the model unless told; the KV cache in GB
         env.update(OMP_NUM_THREADS=str(threads), VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"))
@@ -93,7 +69,7 @@ def served(python: str, model_dir: Path, log_path: Path, max_model_len: int, dty
                                 preexec_fn=die_with_parent)
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        _wait_ready(url, proc, log_path, timeout_s)
+        wait_http(f"{url}/models", proc, log_path, timeout_s)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
