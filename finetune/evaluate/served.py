@@ -12,7 +12,9 @@ from typing import Any
 
 from finetune.core.hardware import cpu_threads
 from finetune.models.loading import saved_tokenizer
+from finetune.runtimes.generation import context_needed, longest_prompt
 from finetune.runtimes.vllm import generate_vllm, missing, served, vllm_python
+
 
 def vllm_artifacts(s: Any) -> None:
     """Serve and score every checkpoint in s.cfg.evaluate.vllm (`s`: the evaluate stage's Session)."""
@@ -37,13 +39,13 @@ def _serve_and_score(s: Any, name: str, path: Path, python: str, info: dict) -> 
     model_cfg = s.cfg.model
     tokenizer = saved_tokenizer(model_cfg, path)
     prompts = s.prompts(tokenizer, model_cfg, [])
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     # fp32 on a CPU, as transformers generates there; on a GPU the checkpoint's own dtype (GPTQ's as it asks)
     dtype = "float32" if s.device == "cpu" else "auto"
     parallel = s.cfg.evaluate.vllm_parallel
     log_path = s.run.stages_dir / f"{name}-server.log"
-    with served(python, path, log_path, max_model_len=longest + s.sampling.max_new_tokens + 16, dtype=dtype,
-                device=s.device, threads=int(s.cfg.evaluate.n_threads or cpu_threads())) as url:
+    context = context_needed(longest_prompt(tokenizer, prompts), s.sampling.max_new_tokens)
+    with served(python, path, log_path, max_model_len=context, dtype=dtype, device=s.device,
+                threads=int(s.cfg.evaluate.n_threads or cpu_threads())) as url:
         for pass_name, grammar, kind in s.passes(name):
             start = time.perf_counter()
             outputs = generate_vllm(url, prompts, list(model_cfg.stop_tokens), s.sampling, grammar, parallel)

@@ -48,9 +48,9 @@ from finetune.models.loading import (
     resolve_model,
     saved_tokenizer,
 )
-from finetune.runtimes.generation import Generation, Sampling
+from finetune.runtimes.generation import Generation, Sampling, longest_prompt
 from finetune.runtimes.llamacpp import generate_llama_cpp
-from finetune.runtimes.llamacpp_batch import generate_llama_cpp_batched
+from finetune.runtimes.llamacpp_batch import context_size, generate_llama_cpp_batched
 from finetune.runtimes.transformers import generate_transformers, generation_dtype
 from finetune.tasks import Task
 from finetune.tasks.grammar import describe
@@ -219,8 +219,7 @@ class Session:
     def gguf(self, name: str, path: Path, tokenizer: Any, info: dict) -> None:
         model_cfg = self.cfg.model
         prompts = self.prompts(tokenizer, model_cfg, [])
-        longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-        n_ctx = -(-(longest + self.sampling.max_new_tokens + 16) // 256) * 256
+        n_ctx = context_size(longest_prompt(tokenizer, prompts), self.sampling.max_new_tokens)
         parallel = self.cfg.evaluate.llama_cpp_parallel
         for pass_name, grammar, kind in self.passes(name):
             common = dict(n_ctx=n_ctx, n_threads=self.cfg.evaluate.n_threads, bos_token=tokenizer.bos_token,

@@ -7,7 +7,7 @@ end-of-turn tokens and count only the tokens generated before the stop, so token
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 # What a runtime decodes under: one GBNF grammar for every prompt, one per prompt, or None (free text).
 Grammars = Union[str, Sequence[Union[str, None]], None]
@@ -23,6 +23,16 @@ def common_prefix(token_lists: list[list[int]], keep: int) -> int:
     while length < limit and all(t[length] == first[length] for t in token_lists):
         length += 1
     return length
+
+
+def longest_prompt(tokenizer: Any, prompts: list[str]) -> int:
+    """Tokens of the longest of `prompts` (rendered prompt texts, tokenized as they are)."""
+    return max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+
+
+def context_needed(longest: int, max_new_tokens: int) -> int:
+    """Tokens a runtime's context must hold for prompts of up to `longest` tokens: the answer and 16 to spare."""
+    return longest + max_new_tokens + 16
 
 
 def per_prompt(grammar: Grammars, n: int) -> list[str | None]:

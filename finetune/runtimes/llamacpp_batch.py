@@ -33,7 +33,7 @@ from typing import Any
 
 from finetune.core.errors import ConfigError, ExportError
 from finetune.core.hardware import cpu_threads
-from finetune.runtimes.generation import Generation, Grammars, Sampling, common_prefix, per_prompt
+from finetune.runtimes.generation import Generation, Grammars, Sampling, common_prefix, context_needed, per_prompt
 from finetune.runtimes.llamacpp import open_gguf, prompt_tokens
 from finetune.runtimes.llamacpp_stops import AnswerState  # noqa: F401 - part of this module's interface
 
@@ -44,9 +44,9 @@ MAX_PARALLEL = 255  # llama.cpp holds at most 256 sequences; one stream holds th
 
 
 def context_size(longest_prompt: int, max_new_tokens: int) -> int:
-    """Each sequence's n_ctx as the evaluate stage sizes it: the longest prompt, the answer and 16 spare
-    tokens, rounded up to llama.cpp's 256-cell KV padding."""
-    return -(-(longest_prompt + max_new_tokens + 16) // 256) * 256
+    """Each sequence's n_ctx as the evaluate stage sizes it: what the longest prompt and its answer need
+    (context_needed), rounded up to llama.cpp's 256-cell KV padding."""
+    return -(-context_needed(longest_prompt, max_new_tokens) // 256) * 256
 
 
 def completion_seeds(seed: int, n: int) -> list[int]:
