@@ -6,6 +6,7 @@ with this interpreter, which has no vLLM)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -79,3 +80,28 @@ def test_vllm_serves_the_merged_checkpoint_with_the_answers_of_transformers(tmp_
     assert "Application startup complete" in (run.stages_dir / "vllm-merged-server.log").read_text()
     left = subprocess.run(["pgrep", "-f", str(run.merged_dir)], capture_output=True, text=True)
     assert left.stdout.strip() == "", left.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NO_VLLM is not None, reason=f"vLLM: {NO_VLLM}")
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="GPTQModel is an extra")
+def test_vllm_serves_the_gptq_checkpoint_in_its_16_bit_dtype(tmp_path):
+    from finetune.export.gptq import quantize
+
+    cfg, run = run_with_merged(tmp_path, "export=all", "export.gptq.calibration_samples=4", "method.max_length=128",
+                               "evaluate.vllm=[gptq]", "evaluate.merged=false", "evaluate.unconstrained=[]")
+    quantize(cfg, run)
+    ev.evaluate(cfg, run)
+    models = json.loads(run.metrics_path.read_text())["models"]
+    served = models["vllm-gptq"]
+    assert "error" not in served, served
+    assert served["runtime"] == "vllm" and served["n"] == 4 and served["tokens_per_s"] > 0
+    assert "error" not in models["gptq"]  # GPTQModel's kernel in transformers, beside it
+    # vLLM's GPTQ kernels take 16-bit activations only: the server runs the checkpoint's own dtype, not fp32
+    log = (run.stages_dir / "vllm-gptq-server.log").read_text()
+    assert "dtype=torch.bfloat16" in log and "quantization=auto_gptq" in log, log[-2000:]
+    assert "Application startup complete" in log
+    fields = set(cfg.task.fields)
+    for row in map(json.loads, (run.predictions_dir / "vllm-gptq.jsonl").read_text().splitlines()):
+        if row["stopped"]:
+            assert set(json.loads(row["output"])) <= fields, row["output"]

@@ -39,8 +39,9 @@ def _serve_and_score(s: Any, name: str, path: Path, python: str, info: dict) -> 
     model_cfg = s.cfg.model
     tokenizer = saved_tokenizer(model_cfg, path)
     prompts = s.prompts(tokenizer, model_cfg, [])
-    # fp32 on a CPU, as transformers generates there; on a GPU the checkpoint's own dtype (GPTQ's as it asks)
-    dtype = "float32" if s.device == "cpu" else "auto"
+    # fp32 on a CPU, as transformers generates there; on a GPU, and for GPTQ (whose kernels take 16-bit activations
+    # only), the checkpoint's own dtype, as transformers loads GPTQ
+    dtype = "float32" if s.device == "cpu" and name != "vllm-gptq" else "auto"
     parallel = s.cfg.evaluate.vllm_parallel
     log_path = s.run.stages_dir / f"{name}-server.log"
     context = context_needed(longest_prompt(tokenizer, prompts), s.sampling.max_new_tokens)

@@ -60,9 +60,10 @@ def served(python: str, model_dir: Path, log_path: Path, max_model_len: int, dty
     env = dict(os.environ)
     if device == "cpu":  # vLLM keeps one thread for the model unless told; the KV cache in GB
         env.update(OMP_NUM_THREADS=str(threads), VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name",
-           SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
-           "--dtype", dtype, "--seed", "0"]
+    # The server `vllm serve` starts; the `vllm` command itself fails in vllm-cpu (it looks up a package named vllm)
+    cmd = [python, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model_dir),
+           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(max_model_len), "--dtype", dtype, "--seed", "0"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
