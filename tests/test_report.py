@@ -70,6 +70,7 @@ def test_cli_reevaluates_and_writes_metrics_and_report(cli_run):
     command = json.loads((cli_run.root / "run.json").read_text())["command"]
     assert "evaluate.base=false" in command and command in text
     assert "- splits: train=6, validation=2, test=4" in text
+    assert "Not served with vLLM (`evaluate.vllm=[]`, the default: on a CPU vLLM answers no faster" in text
 
 
 def test_loss_curve_and_training_summary(cli_run):

@@ -268,6 +268,11 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
     errors = [(n, e["error"]) for n, e in models.items() if "error" in e]
     if errors:
         lines += ["Could not be evaluated:", ""] + [f"- {n}: `{cell(err, 300)}`" for n, err in errors] + [""]
+    if not cfg.evaluate.vllm:
+        why = ("on a CPU vLLM answers no faster than this stage's own batching" if gen.get("device") == "cpu"
+               else "it needs its own environment")
+        lines += [f"Not served with vLLM (`evaluate.vllm=[]`, the default: {why}; docs/vllm.md): "
+                  "`scripts/setup.sh --vllm`, then `evaluate.vllm=[merged,gptq]` scores those checkpoints in it.", ""]
     lines += ["Predictions: `predictions/<model>.jsonl` (id, input, expected, output, parsed, correct).", ""]
 
     worst = next((n for n in ("finetuned", "merged") if n in models and "error" not in models[n]), None)
