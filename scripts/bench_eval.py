@@ -64,14 +64,14 @@ def test_rows(cfg, run_dir: Path | None, n: int) -> list[dict]:
 def prompts_for(cfg, run_dir: Path | None, rows: list[dict]) -> tuple[list[str], str | None, int]:
     """Prompt texts, the tokenizer's BOS text and the longest prompt in tokens, as the evaluate stage has them."""
     from finetune.models.loading import load_tokenizer, render_prompt, saved_tokenizer
+    from finetune.runtimes.generation import longest_prompt
 
     if run_dir is not None:
         tokenizer = saved_tokenizer(cfg.model, run_dir / "adapter", run_dir / "merged")
     else:
         tokenizer = load_tokenizer(cfg.model)
     prompts = [render_prompt(tokenizer, r["prompt"], cfg.model) for r in rows]
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    return prompts, tokenizer.bos_token, longest
+    return prompts, tokenizer.bos_token, longest_prompt(tokenizer, prompts)
 
 
 def ggufs_for(cfg, run_dir: Path | None, given: list[str]) -> list[Path]:
