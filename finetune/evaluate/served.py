@@ -6,11 +6,12 @@ entry's error, with what to do; the other models are evaluated as usual."""
 from __future__ import annotations
 
 import functools
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from finetune.core.hardware import cpu_threads
+from finetune.core.hardware import cpu_flags, cpu_threads
 from finetune.models.loading import saved_tokenizer
 from finetune.runtimes.generation import context_needed, longest_prompt
 from finetune.runtimes.vllm import generate_vllm, missing, served, vllm_python
@@ -31,6 +32,10 @@ def vllm_artifacts(s: Any) -> None:
         elif not (path / "config.json").is_file():
             s.models[entry] = {**info, "error": f"no {name} checkpoint in this run ({path}): the export stage writes "
                                                 f"it (export=default writes merged; export=all adds gptq)"}
+        elif name == "gptq" and s.device == "cpu" and platform.machine() == "x86_64" and "avx512f" not in cpu_flags():
+            s.models[entry] = {**info, "error": "vLLM's CPU build has its 4-bit (GPTQ) kernel for AVX-512 CPUs only, "
+                                                "which this one is not; the `gptq` row scores the checkpoint in "
+                                                "transformers"}
         else:
             s.guarded(entry, info, functools.partial(_serve_and_score, s, entry, path, python, info))
 
