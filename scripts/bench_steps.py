@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_steps.py --before 'method.share_prefix=false' [--pairs 3] [--steps 12] [overrides...]
     .venv/bin/python scripts/bench_steps.py --before 'keep_memory=false'        # glibc's malloc left as it is
     .venv/bin/python scripts/bench_steps.py --before 'dense_lm_head=false'      # TRL's vocabulary tiles on a CPU
+    .venv/bin/python scripts/bench_steps.py --before 'bf16_copies=false'        # frozen weights cast every step
 
 Each run is a fresh process that does what `python -m finetune` does before training (finetune/core/memory.py
 at start-up, unless `keep_memory=false` is among its overrides), prepares the task's data and builds the
@@ -51,7 +52,11 @@ def child(steps: int, overrides: list[str]) -> None:
         import finetune.train.trl_hooks
 
         finetune.train.trl_hooks.DENSE_MAX_ELEMENTS = 0  # every projection through TRL's ChunkedLogProbFunction
-    overrides = [o for o in overrides if not o.startswith(("keep_memory=", "dense_lm_head="))]
+    if "bf16_copies=false" in overrides:
+        import finetune.train.stage
+
+        finetune.train.stage.keep_bf16_copies = lambda model: 0  # autocast casts frozen weights on every step
+    overrides = [o for o in overrides if not o.startswith(("keep_memory=", "dense_lm_head=", "bf16_copies="))]
     if keep:
         from finetune.core.memory import keep_freed_memory
 

@@ -459,6 +459,48 @@ def test_frozen_layers_outside_the_model_is_a_config_error(n):
 
 
 @pytest.mark.slow
+def test_frozen_weights_cast_to_bf16_once_leave_loss_and_gradients_bitwise_equal(tmp_path, monkeypatch):
+    """Under CPU bf16 autocast the frozen layers and SmolLM2's frozen tied head compute with a bf16 copy of their
+    weight cast once (finetune.train.model.bf16_weight), not on every step: the loss and every gradient are
+    bitwise those of autocast's own casts, the copies are what ran, and the weights kept fp32."""
+    import finetune.train.model as model_module
+
+    cfg, run = tiny_run(tmp_path, ["method=full", "method.batch_size=2", "method.precision=bf16",
+                                   "method.train_embeddings=false", "method.frozen_layers=2"])
+    trainer, _ = build_trainer(cfg, run)
+    model = trainer.model.train()
+    head, frozen, trained = model.lm_head, model.model.layers[0].mlp.up_proj, model.model.layers[2].mlp.up_proj
+    assert head.weight is model.model.embed_tokens.weight and "forward" in vars(head) and "forward" in vars(frozen)
+    assert "forward" not in vars(trained)  # a trained weight: autocast casts (and caches) it as before
+    batch = dict(next(iter(trainer.get_train_dataloader())))
+    runs = []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(model_module, "bf16_weight", lambda weight: None)  # autocast's per-step casts
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate wraps the model's forward in training
+            loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        if use:
+            for weight in (head.weight, frozen.weight):
+                copy = getattr(weight, model_module.BF16_COPY)[2]
+                assert copy.dtype == torch.bfloat16 and torch.equal(copy, weight.detach().to(torch.bfloat16))
+    (loss, grads), (before_loss, before_grads) = runs
+    assert torch.equal(loss, before_loss)
+    assert grads.keys() == before_grads.keys() and "model.layers.2.mlp.up_proj.weight" in grads
+    assert all(torch.equal(g, before_grads[n]) for n, g in grads.items())
+    monkeypatch.undo()
+    assert all(p.dtype == torch.float32 for p in model.state_dict().values())
+    x = torch.randn(3, frozen.in_features)
+    assert torch.equal(frozen(x), torch.nn.functional.linear(x, frozen.weight))  # fp32 outside autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        stale = model_module.bf16_weight(frozen.weight)
+        frozen.weight.mul_(2)  # changed in place: cast again
+        assert torch.equal(model_module.bf16_weight(frozen.weight), 2 * stale)
+
+
+@pytest.mark.slow
 def test_forced_bf16_autocast_trains_on_any_cpu(tmp_path):
     """The path users with AVX512-BF16 CPUs get by default (precision=auto), run on every CPU: bf16 autocast,
     LoRA weights kept fp32, a finite loss and adapter."""

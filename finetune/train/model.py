@@ -89,6 +89,50 @@ def freeze_layers(model: Any, first: float) -> int:
     return frozen
 
 
+BF16_COPY = "_finetune_bf16_copy"  # attribute of a frozen weight: (version, data pointer, its bf16 copy)
+
+
+def bf16_weight(weight: Any) -> Any:
+    """The bf16 copy of a frozen fp32 CPU weight while CPU autocast runs in bf16, else None. Autocast casts a
+    weight in every forward, but it keeps casts only of weights that train: a frozen layer's weight (12 decoder
+    layers and SmolLM2's tied head in the CPU default) was cast again on every step. The copy is cast once, and
+    again only if the weight is changed in place or replaced; it is the tensor autocast would have made (the same
+    rounding), so products, loss and gradients are unchanged, and the fp32 weight stays what is saved."""
+    import torch
+
+    if (weight.requires_grad or weight.dtype != torch.float32 or weight.device.type != "cpu"
+            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+        return None
+    key = (weight._version, weight.data_ptr())
+    cached = getattr(weight, BF16_COPY, None)
+    if cached is None or cached[:2] != key:
+        cached = (*key, weight.detach().to(torch.bfloat16))
+        setattr(weight, BF16_COPY, cached)
+    return cached[2]
+
+
+def _linear_with_bf16_copy(self: Any, x: Any) -> Any:
+    import torch.nn.functional as F
+
+    weight = bf16_weight(self.weight)
+    return F.linear(x, self.weight if weight is None else weight, self.bias)
+
+
+def keep_bf16_copies(model: Any) -> int:
+    """Frozen torch Linear layers (a LoRA's base layers, full fine-tuning's frozen layers and tied head) compute
+    with bf16_weight's copy under CPU bf16 autocast, and exactly as before otherwise. Returns the parameters."""
+    import types
+
+    import torch
+
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and not module.weight.requires_grad:
+            module.forward = types.MethodType(_linear_with_bf16_copy, module)
+            count += module.weight.numel()
+    return count
+
+
 def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
     """The base model (4-bit for qlora) and the PEFT LoraConfig (None for method=full)."""
     import torch

@@ -27,7 +27,7 @@ from finetune.train import shared_prefix, tracking
 from finetune.train.budget import SCHEDULES, TimeBudget, warmup_length
 from finetune.train.callbacks import DivergenceGuard, ProgressLog
 from finetune.train.checkpoints import resume_checkpoint, save_final
-from finetune.train.model import apply_liger, build_model, resolve_precision, use_liger
+from finetune.train.model import apply_liger, build_model, keep_bf16_copies, resolve_precision, use_liger
 from finetune.train.selection import ValidationScorer
 from finetune.train.trl_hooks import trainer_class
 
@@ -196,6 +196,10 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list | None = None) -> tu
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    if device == "cpu" and precision == "bf16":
+        copied = keep_bf16_copies(trainer.model)
+        if copied:
+            log.info("frozen weights (%s parameters) cast to bf16 once for autocast, not on every step", f"{copied:,}")
     info = {"device": device, "precision": precision, "world_size": args.world_size,
             "planned_steps": steps, "warmup_steps": args.warmup_steps,
             "base_4bit": getattr(model, "hf_quantizer", None) is not None, "liger_kernels": liger,

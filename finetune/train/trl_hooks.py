@@ -59,7 +59,10 @@ def dense_log_probs(hidden, weight, bias, targets, temperature: float = 1.0, sof
     import torch
     import torch.nn.functional as F
 
-    z = F.linear(hidden, weight, bias).float()  # under autocast the product is bf16, the softmax fp32 (as TRL's)
+    from finetune.train.model import bf16_weight
+
+    copy = bf16_weight(weight)  # a frozen head under CPU bf16 autocast: cast once, not every step
+    z = F.linear(hidden, weight if copy is None else copy, bias).float()  # bf16 product, fp32 softmax (as TRL's)
     if logit_scale != 1.0:
         z = z * logit_scale
     if softcap is not None:
