@@ -41,14 +41,13 @@ EXACT = {"extraction": "exact_match", "classification": "accuracy", "generation"
 
 
 def machine_kind() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
     import os
 
-    bf16 = " avx512_bf16" in flags or " amx_bf16" in flags
-    return f"{os.cpu_count()}-core CPU {'with' if bf16 else 'without'} AVX512-BF16"
+    from finetune.core.hardware import cpu_supports_bf16
+
+    if not Path("/proc/cpuinfo").is_file():
+        return "unknown CPU"
+    return f"{os.cpu_count()}-core CPU {'with' if cpu_supports_bf16() else 'without'} AVX512-BF16"
 
 
 def run_finetune(run_dir: Path, args: list[str]) -> float:

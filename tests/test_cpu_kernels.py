@@ -7,11 +7,11 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from finetune.core.config import compose
+from finetune.core.hardware import cpu_flags
 from finetune.models.gguf_source import packaged_gguf_path
 from finetune.runtimes.cpu_kernels import best_variant, variant_dir, load_cpu_kernels, variant_name, variants
 from finetune.runtimes.llamacpp import open_gguf
@@ -21,13 +21,6 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="the vari
 # llama_print_system_info's name for each feature (compiled into the loaded variant) -> /proc/cpuinfo's flag
 FEATURES = {"AVX2": "avx2", "FMA": "fma", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
             "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8"}
-
-
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def test_the_build_ships_every_x86_64_level():

@@ -41,8 +41,8 @@ def vllm_artifacts(s: Any) -> None:
         elif not (path / "config.json").is_file():
             s.models[entry] = {**info, "error": f"no {name} checkpoint in this run ({path}): the export stage writes "
                                                 f"it (export=default writes merged; export=all adds gptq)"}
-        elif name == "gptq" and gptq_unsupported(s.device):
-            s.models[entry] = {**info, "error": gptq_unsupported(s.device)}
+        elif name == "gptq" and (reason := gptq_unsupported(s.device)):
+            s.models[entry] = {**info, "error": reason}
         else:
             s.guarded(entry, info, functools.partial(_serve_and_score, s, entry, path, python, info))
 
