@@ -262,6 +262,37 @@ def test_an_interrupt_a_library_swallows_still_stops_the_stage(tmp_path):
     assert not run.merged_dir.exists() and not run.is_done("merge") and not list(tmp_path.rglob(".tmp-*"))
 
 
+IMPORTED = """
+import os, signal, time
+os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while a module initialises (torch's first import crashed on it)
+time.sleep(0.5)
+done = True
+"""
+
+INTERRUPTED_IMPORT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from finetune.core import interrupts
+interrupts.install()
+started = time.monotonic()
+try:
+    import slow_module
+    time.sleep(10)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted", "slow_module" in sys.modules, round(time.monotonic() - started, 1))
+"""
+
+
+def test_an_interrupt_during_an_import_waits_for_the_import_to_end(tmp_path):
+    (tmp_path / "slow_module.py").write_text(IMPORTED)
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    verdict, imported, seconds = out.stdout.split()
+    assert (verdict, imported) == ("interrupted", "True"), out.stdout + out.stderr  # the module whole, then raised
+    assert 0.5 <= float(seconds) < 2  # right after the import, not at the end of the next sleep
+
+
 @pytest.mark.slow
 def test_interrupts_during_export_leave_no_done_marker_no_temp_files_and_no_children(tmp_path):
     data = write_rows(tmp_path / "addresses.jsonl", rows(30))

@@ -7,11 +7,20 @@ runs to the end and is marked done as if nobody had asked it to stop. The handle
 the signal as well as raising it, and `check()` raises it again at the points where work becomes
 permanent (a staged directory renamed into place, a stage marked done), so an interrupt is never lost:
 at worst it takes effect at the next of those points, and the stage in flight is still not marked done.
+
+A signal that lands while a module is being imported waits for the import to end (it is delivered again
+every 50 ms until then). An exception raised inside an import can go through a C extension's initialisation,
+where it cannot pass: torch's first import calls into Python from pybind11 code that cannot carry an
+exception, so a Ctrl-C there ended the process with SIGABRT (std::terminate) instead of exit code 130 and its
+clean-up; elsewhere it leaves a half-initialised module behind. Imports take seconds at most.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+from types import FrameType
 
 
 class Terminated(BaseException):
@@ -19,15 +28,32 @@ class Terminated(BaseException):
 
 
 _received: int | None = None
+_redelivery: threading.Timer | None = None
+REDELIVER_S = 0.05
 
 
 def _raise(signum: int) -> None:
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    global _received
+def _importing(frame: FrameType | None) -> bool:
+    """Whether the main thread is inside an import (importlib's frozen bootstrap frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _received, _redelivery
     _received = signum
+    if _importing(frame):
+        if _redelivery is None or not _redelivery.is_alive():
+            _redelivery = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
+            _redelivery.daemon = True
+            _redelivery.start()
+        return
     _raise(signum)
 
 
