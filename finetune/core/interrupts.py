@@ -45,12 +45,17 @@ def _importing(frame: FrameType | None) -> bool:
     return False
 
 
+def _redeliver() -> None:
+    if _received is not None:  # the latest signal: a SIGTERM after a Ctrl-C during the same import wins
+        os.kill(os.getpid(), _received)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _received, _redelivery
     _received = signum
     if _importing(frame):
         if _redelivery is None or not _redelivery.is_alive():
-            _redelivery = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
+            _redelivery = threading.Timer(REDELIVER_S, _redeliver)
             _redelivery.daemon = True
             _redelivery.start()
         return
