@@ -37,7 +37,7 @@ FLOPs per real token (documented formula, matmuls only):
     N_f = in*out summed over frozen nn.Linear layers except lm_head, N_t = the same over trainable ones,
     N_h = lm_head's in*out, counted only on completion tokens (TRL's fused LM head skips the prompt)
     forward      2 (N_f + N_t)  [+ 2 N_h per completion token]
-    backward     2 (N_f - N_b + N_t)  input gradients, through frozen layers too (LoRA: down to layer 0), but
+    backward     2 (N_f - N_b + N_t)  input gradients, through frozen layers too (LoRA: down to its lowest adapter), but
                                 not below the lowest trainable weight: N_b = in*out of the decoder layers under
                                 it when the embedding is frozen too (method.frozen_layers), whose backward
                                 autograd never runs

@@ -89,6 +89,16 @@ def test_full_fine_tuning_freezes_the_lower_half_only_where_it_trains_on_the_cpu
     assert compose(["device=cpu", "method.frozen_layers=0", "method.train_embeddings=true"]).method.frozen_layers == 0
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_on_a_cpu_trains_unpadded_rows_sharing_their_opening_above_bare_first_layers(method):
+    """On a CPU LoRA trains like full fine-tuning does (docs/training.md): padding-free rows, the opening computed
+    once per batch, no adapters on the first 40% of the layers; on a GPU padded rows and every layer adapted."""
+    cpu = compose(["device=cpu", f"method={method}"]).method
+    assert (cpu.padding_free, cpu.share_prefix, cpu.frozen_layers) == (True, True, 0.4)
+    gpu = compose(["device=cuda", f"method={method}"]).method
+    assert (gpu.padding_free, gpu.frozen_layers) == (False, 0)
+
+
 def test_validation_rows_are_scored_only_where_something_reads_them():
     """A plain run scores no validation rows after training (the evaluate stage measures the model); a
     search's trial and best_by=task score 32 unless method.metric_examples says otherwise."""

@@ -50,8 +50,9 @@ def test_precision_auto_on_a_cpu_is_the_faster_one(monkeypatch, flags, speedup, 
 
 
 def test_sft_config_takes_every_knob_from_the_method(tmp_path):
-    cfg = compose(["method=qlora", "method.lr=3e-4", "method.max_length=256", "method.eval_steps=10",
-                   "method.save_steps=25", "method.grad_accum=2", "method.seed=7", f"run_dir={tmp_path}"])
+    cfg = compose(["method=qlora", "method.padding_free=false", "method.lr=3e-4", "method.max_length=256",
+                   "method.eval_steps=10", "method.save_steps=25", "method.grad_accum=2", "method.seed=7",
+                   f"run_dir={tmp_path}"])
     args = sft_config(cfg, RunDir(tmp_path), "cpu", "bf16", has_eval=True)
     assert args.learning_rate == 3e-4 and args.max_length == 256 and args.gradient_accumulation_steps == 2
     assert args.seed == args.data_seed == 7
@@ -119,7 +120,7 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, layout):
     restart per example; with sdpa the model must turn that into a block-diagonal mask. The trainer's loss on
     such a batch equals the loss of the same examples run one by one."""
     cfg, run = tiny_run(tmp_path, ["method=lora", *layout, "method.max_length=256", "method.precision=fp32",
-                                   "method.lora_dropout=0"])
+                                   "method.lora_dropout=0", "method.share_prefix=false"])  # TRL's own layout
     trainer, _ = build_trainer(cfg, run)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # flattened, no padding
@@ -176,16 +177,21 @@ def test_a_long_system_prompt_under_a_time_budget_is_reported_and_warned_about(t
 
 
 @pytest.mark.slow
-def test_shared_prefix_batch_has_the_loss_and_gradients_of_its_rows(tmp_path):
-    """method.share_prefix (SmolLM2's method=full default on a CPU): the system prompt every row starts with is
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_shared_prefix_batch_has_the_loss_and_gradients_of_its_rows(tmp_path, method):
+    """method.share_prefix (every method's default on a CPU): the system prompt every row starts with is
     kept once per batch and the other rows attend to it. Loss and every gradient equal those of TRL's
     padding-free batch of the same rows under transformers' own sdpa attention."""
     from finetune.train.shared_prefix import ATTENTION, SharedPrefixCollator
 
-    cfg, run = tiny_run(tmp_path, ["method=full", "method.batch_size=3", "method.precision=fp32",
+    cfg, run = tiny_run(tmp_path, [f"method={method}", "method.batch_size=3", "method.precision=fp32",
                                    "method.train_embeddings=true", "method.frozen_layers=0"])  # every gradient
     assert cfg.method.share_prefix and cfg.method.padding_free
     trainer, _ = build_trainer(cfg, run)
+    with torch.no_grad():  # LoRA starts with B = 0, where A's gradient is 0 too: give both a gradient to compare
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     collator = trainer.data_collator
     assert isinstance(collator, SharedPrefixCollator)
     rows = [trainer.train_dataset[i] for i in range(3)]
@@ -203,7 +209,8 @@ def test_shared_prefix_batch_has_the_loss_and_gradients_of_its_rows(tmp_path):
         model.zero_grad()
         loss = trainer.compute_loss(model, dict(batch))
         loss.backward()
-        grads[name] = (float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()})
+        trained = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        grads[name] = (float(loss.detach()), trained)
     model.set_attn_implementation(ATTENTION)
     (shared_loss, shared_grads), (plain_loss, plain_grads) = grads["shared"], grads["plain"]
     assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
@@ -362,6 +369,30 @@ def test_qlora_base_is_nf4_double_quantized_with_lora_on_the_targets():
     assert linear4[0].compute_dtype == torch.bfloat16
     assert set(peft_config.target_modules) == set(cfg.model.lora_target_modules)
     assert (peft_config.r, peft_config.lora_alpha) == (cfg.method.lora_r, cfg.method.lora_alpha)
+
+
+@pytest.mark.parametrize("overrides, first", [(["method.frozen_layers=2"], 2), (["device=cpu"], 12),
+                                               (["device=cuda"], 0)])
+def test_lora_leaves_the_first_layers_without_adapters(overrides, first):
+    """method.frozen_layers under LoRA (on a CPU 40% of the layers by default, none on a GPU): no adapters on the
+    first decoder layers, so nothing below the first adapted one needs a gradient and the backward stops there."""
+    from peft import get_peft_model
+
+    cfg = compose(["method=lora", *overrides])
+    model, peft_config = build_model(cfg, "cpu", "fp32")
+    assert peft_config.layers_to_transform == (list(range(first, 30)) if first else None)
+    model = get_peft_model(model, peft_config)
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == set(range(first, 30))
+    if not first:
+        return
+    outputs = {}
+    layers = model.get_base_model().get_decoder().layers
+    for i in (first - 1, first):
+        layers[i].register_forward_hook(lambda m, args, out, i=i: outputs.setdefault(i, out))
+    model(torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+    hidden = {i: out[0] if isinstance(out, tuple) else out for i, out in outputs.items()}
+    assert not hidden[first - 1].requires_grad and hidden[first].requires_grad  # the backward stops at `first`
 
 
 @pytest.mark.slow

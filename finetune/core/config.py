@@ -177,7 +177,7 @@ class MethodConfig:
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     train_embeddings: bool = True  # full, false: the embedding (and a head tied to it) frozen (docs/training.md)
-    frozen_layers: float = 0  # full: the first layers frozen, a count or a share (0.5: half; docs/training.md)
+    frozen_layers: float = 0  # the first layers frozen (LoRA: no adapters), a count or a share (0.5: half)
     # On a CPU, with max_steps=-1: train for this many minutes (the steps that fit, timed on the first steps,
     # schedule fitted to them; never more than `epochs` allow). None: whole epochs. A GPU trains whole epochs.
     budget_minutes: Optional[float] = None

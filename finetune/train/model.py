@@ -67,6 +67,17 @@ def freeze_embeddings(model: Any) -> int:
     return weight.numel()
 
 
+def frozen_layer_count(first: float, layers: int) -> int:
+    """method.frozen_layers as a count of a model's first decoder layers: `first` itself (>= 1) or that share of
+    `layers` (0 < first < 1, rounded down); a clear error for anything else."""
+    count = first >= 1
+    n = int(first) if count else int(first * layers)
+    if (count and n != first) or not 0 <= n < layers:
+        raise ConfigError(f"method.frozen_layers={first}: this model has {layers} decoder layers; give a "
+                          f"count from 1 to {layers - 1}, a share between 0 and 1, or 0 to train them all.")
+    return n
+
+
 def freeze_layers(model: Any, first: float) -> int:
     """Stop training the first decoder layers: `first` of them (a count, >= 1) or that share of the model's
     layers (0 < first < 1, rounded down). With the embedding frozen too nothing below the first trained layer
@@ -74,11 +85,7 @@ def freeze_layers(model: Any, first: float) -> int:
     state); with the embedding trained the backward still runs through them for it. Returns the parameters
     frozen."""
     layers = model.get_decoder().layers
-    count = first >= 1
-    n = int(first) if count else int(first * len(layers))
-    if (count and n != first) or not 0 <= n < len(layers):
-        raise ConfigError(f"method.frozen_layers={first}: this model has {len(layers)} decoder layers; give a "
-                          f"count from 1 to {len(layers) - 1}, a share between 0 and 1, or 0 to train them all.")
+    n = frozen_layer_count(first, len(layers))
     frozen = 0
     for layer in layers[:n]:
         for p in layer.parameters():
@@ -134,7 +141,8 @@ def keep_bf16_copies(model: Any) -> int:
 
 
 def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
-    """The base model (4-bit for qlora) and the PEFT LoraConfig (None for method=full)."""
+    """The base model (4-bit for qlora) and the PEFT LoraConfig (None for method=full); method.frozen_layers
+    freezes full fine-tuning's first decoder layers and keeps LoRA's adapters off them."""
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
 
@@ -181,9 +189,14 @@ def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
             freeze_layers(model, method.frozen_layers)
         return model, None
     targets = list(cfg.model.lora_target_modules)
+    layers = len(model.get_decoder().layers)
+    first = frozen_layer_count(method.frozen_layers, layers)
+    if first:
+        log.info("LoRA on decoder layers %d-%d of %d (the first %d without adapters)", first, layers - 1, layers, first)
     peft_config = LoraConfig(
         r=method.lora_r, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=list(range(first, layers)) if first else None,
     )
     return model, peft_config
 
