@@ -189,8 +189,8 @@ def build_model(cfg: Config, device: str, precision: str) -> tuple[Any, Any]:
             freeze_layers(model, method.frozen_layers)
         return model, None
     targets = list(cfg.model.lora_target_modules)
-    layers = len(model.get_decoder().layers)
-    first = frozen_layer_count(method.frozen_layers, layers)
+    layers = len(model.get_decoder().layers) if method.frozen_layers else 0
+    first = frozen_layer_count(method.frozen_layers, layers) if layers else 0
     if first:
         log.info("LoRA on decoder layers %d-%d of %d (the first %d without adapters)", first, layers - 1, layers, first)
     peft_config = LoraConfig(
