@@ -111,6 +111,9 @@ def test_prepare_writes_contract_rows(tmp_path, tokenizer):
             assert row["completion"][0]["role"] == "assistant" and json.loads(answer) == row["reference"]
             assert list(json.loads(answer)) == [f for f in fields if f in row["reference"]]
             assert ": " not in answer.replace(row["input"], "")  # compact JSON
+    train = [row["reference"] for row in read_rows(run.data_dir / "train.jsonl")]
+    assert report["label_counts_train"] == {f: sum(f in r for r in train) for f in report["fields"]}
+    assert report["label_counts_train"]["AddressNumber"] > 30  # the report's per-field table shows these
     # Address values copy their input: the report says so, and the later stages' task keeps it (run_task)
     assert report["copy_values"] is True and report["values_copied_share"] >= 0.98
     assert run_task(compose(["task=extraction"]).task, run).per_input

@@ -186,3 +186,6 @@ def test_many_labels_get_a_per_label_table_instead_of_columns():
     assert len(table) == 2 + 2 + len(labels) + 1
     few = metrics(["ham", "spam"])
     assert "| f1_ham | f1_spam |" in results_table(few)[0] and per_label_table(few) == []
+    fields = dict(metrics(labels), task_kind="extraction")  # an extraction answer's fields: the same table
+    assert per_label_table(fields)[0] == "### F1 per field (8 fields)"
+    assert per_label_table(fields)[2] == "| field | train rows | finetuned | specialist |"

@@ -42,7 +42,7 @@ def test_extraction_parse_is_forgiving():
 
 
 def test_extraction_metrics_match_hand_computed_values():
-    task = task_for("task.kind=extraction", "task.fields=[A,B]")
+    task = task_for("task.kind=extraction", "task.fields=[A,B,D]")
     refs = [{"A": "1", "B": "Main"}, {"A": "2"}, {"A": "3", "B": "Elm"}, {"B": "x"}]
     outs = [
         '{"A":"1","B":"MAIN "}',  # both right after normalization: exact
@@ -59,6 +59,9 @@ def test_extraction_metrics_match_hand_computed_values():
     assert metrics["json_valid_rate"] == pytest.approx(3 / 4)
     assert metrics["json_strict_rate"] == pytest.approx(1 / 4)
     assert metrics["n"] == 4 and task.headline_metric == "field_f1"
+    # per field: A 3 of 3 right; B 1 right, 2 missed; D in no row, C outside the fields: no F1 of their own
+    assert metrics["f1_A"] == 1.0 and metrics["f1_B"] == pytest.approx(2 * 1 / (2 * 1 + 0 + 2))
+    assert "f1_D" not in metrics and "f1_C" not in metrics
     assert [r["correct"] for r in rows] == [True, False, False, False]
     assert [(r["tp"], r["fp"], r["fn"]) for r in rows] == [(2, 0, 0), (1, 1, 0), (1, 0, 1), (0, 0, 1)]
     assert rows[3]["parsed"] is None
@@ -88,6 +91,9 @@ def test_extraction_list_items_are_pairs_of_their_own():
     assert metrics["field_recall"] == pytest.approx(7 / 9)
     assert metrics["exact_match"] == pytest.approx(2 / 4)
     assert [r["correct"] for r in rows] == [False, False, True, True]
+    # person: 4 right (bob, Ann, Ann, Eve), Dan wrong, Cy and an Ann missed; location and n all right
+    assert metrics["f1_person"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))
+    assert metrics["f1_location"] == 1.0 and metrics["f1_n"] == 1.0
 
 
 def test_extraction_checks_and_writes_answers():

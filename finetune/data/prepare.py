@@ -12,7 +12,8 @@ Order of work, all before any training:
 4. remove from train every example whose input is also in test (or validation);
 5. count tokens with the model's chat template: a train/validation example longer than method.max_length
    is dropped, or has the end of its input cut to fit (task.data.too_long; counted); test keeps them whole;
-6. cap train / validation+test at task.data.max_train_examples / max_eval_examples;
+6. cap train / validation+test at task.data.max_train_examples / max_eval_examples, and count each label
+   (field) in the training rows that are left (`label_counts_train`, the report's per-label table);
 7. render rows in TRL's prompt/completion conversational format (finetune.data.rows).
 """
 
@@ -289,6 +290,10 @@ def prepare(cfg: Config, run: RunDir, tokenizer: Any = None) -> dict:
         if cap is not None and len(rendered[split]) > int(cap):
             capped[split] = len(rendered[split])
             rendered[split] = rendered[split][: int(cap)]
+
+    counts_train = task.label_counts([row["reference"] for row in rendered["train"]])
+    if counts_train is not None:  # the rows trained on, after the length check and the cap
+        task.learned["label_counts_train"] = counts_train
 
     run.data_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:

@@ -42,8 +42,8 @@ def metric_columns(metrics: dict) -> list[str]:
 
 
 def per_label_columns(metrics: dict) -> list[str]:
-    """The per-label F1 columns (classification's `f1_<label>`) when there are too many to read across the
-    results table; otherwise none (they stay in it)."""
+    """The per-label F1 columns (classification's `f1_<label>`, extraction's `f1_<field>`) when there are too
+    many to read across the results table; otherwise none (they stay in it)."""
     per_label = [c for c in metric_columns(metrics) if c.startswith("f1_")]
     return per_label if len(per_label) > PER_LABEL_INLINE else []
 
@@ -77,16 +77,17 @@ def results_table(metrics: dict) -> list[str]:
 
 
 def per_label_table(metrics: dict, train_counts: dict | None = None) -> list[str]:
-    """F1 per label (a row each, a model per column, the label's training rows beside it), for label sets too
-    large for the results table's columns; in the order the task lists its labels."""
+    """F1 per label, or per field of an extraction answer (a row each, a model per column, the training rows
+    that hold it beside it), for sets too large for the results table's columns; in the task's order."""
     cols = per_label_columns(metrics)
     if not cols:
         return []
+    noun = "field" if metrics.get("task_kind") == "extraction" else "label"
     models = [(name, e) for name, e in metrics["models"].items() if "error" not in e]
     counts = train_counts or {}
     rows = [[cell(c[len("f1_"):]), fmt(counts.get(c[len("f1_"):]))] + [fmt(e.get(c)) for _, e in models] for c in cols]
-    return [f"### F1 per label ({len(cols)} labels)", ""] + md_table(
-        ["label", "train rows", *(name for name, _ in models)], rows) + [""]
+    return [f"### F1 per {noun} ({len(cols)} {noun}s)", ""] + md_table(
+        [noun, "train rows", *(name for name, _ in models)], rows) + [""]
 
 
 def baseline_lines(metrics: dict) -> list[str]:

@@ -117,6 +117,11 @@ class Task:
         for the data stage's report."""
         return self.learned
 
+    def label_counts(self, references: list) -> dict[str, int] | None:
+        """How many of these answers hold each label (classification) or field (extraction), in the task's
+        order, for the report's per-label table; None where a task has neither."""
+        return None
+
     def check_held_out(self, references: dict[str, list]) -> None:
         """After learn_from_train: note in `learned` what the validation/test references ({split: [reference]})
         hold that training did not (classification: labels the model cannot have learned)."""

@@ -61,8 +61,12 @@ class ClassificationTask(Task):
             self._index_labels()
         self.learned = {"labels": list(self.labels), "labels_from": "task.labels" if self.labels_given
                         else "the training answers (task.labels empty)",
-                        "label_counts_train": {label: counts.get(label, 0) for label in self.labels}}
+                        "label_counts_train": self.label_counts(train_references)}
         return self.learned
+
+    def label_counts(self, references: list) -> dict[str, int]:
+        counts = collections.Counter(references)
+        return {label: counts.get(label, 0) for label in self.labels}
 
     def check_held_out(self, references: dict[str, list]) -> None:
         """Labels of validation/test rows that the learned set lacks (given labels reject such rows on reading):

@@ -10,7 +10,9 @@ around it, and a trailing comma before } or ] is tolerated. Scoring is strict:
 - field_precision / field_recall / field_f1 are micro-averaged over all pairs; a key outside the
   field list is a wrong pair; an unparseable answer has no pairs;
 - exact_match: the answer's pairs equal the reference's; json_valid_rate: the forgiving parse found
-  an object; json_strict_rate: the whole answer is exactly one JSON object.
+  an object; json_strict_rate: the whole answer is exactly one JSON object;
+- f1_<field>: F1 over that field's pairs alone, for each field of the list the rows expect or the answers
+  write (the report's per-field table, beside the training answers that hold the field).
 Baselines: `crf` (the default), a CRF tagger of the answer's spans trained on the train split
 (finetune.tasks.crf); `usaddress`, usaddress's own parser, for US addresses.
 """
@@ -208,10 +210,15 @@ class ExtractionTask(Task):
             self.copy_values = counted > 0 and share >= AUTO_SHARE
         self.learned = {"fields": order, "field_types": learned_types, "fields_from": "task.fields, in the data's key order" if self.fields_given
                 else "the training answers (task.fields empty)", "fields_never_in_training": unseen,
+                "label_counts_train": self.label_counts(train_references),
                 "copy_values": self.copy_values, "values_copied_share": round(share, 4),
                 "values_copied_from": "task.copy_values" if self.cfg.copy_values is not None else
                 f"the training answers ({counted} with string values; on from {AUTO_SHARE:.0%})"}
         return self.learned
+
+    def label_counts(self, references: list) -> dict[str, int]:
+        counts = Counter(k for r in references if isinstance(r, dict) for k, v in r.items() if not _absent(v))
+        return {k: counts.get(k, 0) for k in self.fields}
 
     # ---- data -------------------------------------------------------------------------
     def check_output(self, value: Any) -> dict:
@@ -262,10 +269,15 @@ class ExtractionTask(Task):
         if len(references) != len(outputs):
             raise ValueError(f"{len(references)} references but {len(outputs)} outputs")
         tp = fp = fn = exact = valid = strict = 0
+        per_key: dict[str, list[int]] = {k: [0, 0, 0] for k in self.fields}  # tp, fp, fn of each field's pairs
         rows = []
         for reference, output in zip(references, outputs):
             parsed = self.parse(output)
             pred, ref = field_pairs(parsed), field_pairs(reference)
+            for slot, pairs in enumerate((pred & ref, pred - ref, ref - pred)):
+                for (key, _), count in pairs.items():
+                    if key in per_key:
+                        per_key[key][slot] += count
             hits, n_pred, n_ref = sum((pred & ref).values()), sum(pred.values()), sum(ref.values())
             tp, fp, fn = tp + hits, fp + n_pred - hits, fn + n_ref - hits
             correct = parsed is not None and pred == ref
@@ -286,6 +298,8 @@ class ExtractionTask(Task):
             "json_valid_rate": valid / n if n else 0.0,
             "json_strict_rate": strict / n if n else 0.0,
         }
+        # F1 of each field over its own pairs, for the fields these rows expect or the answers wrote
+        metrics.update({f"f1_{k}": 2 * t / (2 * t + p + m) for k, (t, p, m) in per_key.items() if t + p + m})
         return metrics, rows
 
     def headline(self, references: list, scored: list[dict]) -> float:
