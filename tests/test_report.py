@@ -19,7 +19,8 @@ from finetune.core.errors import RunDirError
 from finetune.core.rundir import RunDir
 from finetune.evaluate.compare import main as compare_main
 from finetune.evaluate.plots import plot_confusion
-from finetune.evaluate.report import parse_results_table, per_label_table, results_table
+from finetune.evaluate.metrics import write_predictions
+from finetune.evaluate.report import parse_results_table, per_label_table, results_table, scored_counts
 from finetune.evaluate.stage import evaluate
 from finetune.tasks import get_task
 
@@ -179,13 +180,27 @@ def test_many_labels_get_a_per_label_table_instead_of_columns():
     assert "f1_" not in header and "| macro_f1 | accuracy | Δ macro_f1 |" in header
     assert "| 0.6000 | 0.7000 | +0.1000 (+0.020..+0.180) |" in specialist  # Δ and its 95% interval
     assert "| 0.5000 | 0.7000 |  |" in tuned
-    table = per_label_table(many, {"number:0": 120, "number:7": 3})
+    table = per_label_table(many, {"number:0": 120, "number:7": 3}, {"number:0": 9})
     assert table[0] == "### F1 per label (8 labels)"
-    assert table[2] == "| label | train rows | finetuned | specialist |"
-    assert table[4] == "| number:0 | 120 | 0.0000 | 0.0000 |" and table[11] == "| number:7 | 3 | 0.7000 | 0.7000 |"
+    assert table[2] == "| label | train rows | test rows | finetuned | specialist |"
+    assert table[4] == "| number:0 | 120 | 9 | 0.0000 | 0.0000 |"
+    assert table[11] == "| number:7 | 3 | — | 0.7000 | 0.7000 |"
     assert len(table) == 2 + 2 + len(labels) + 1
     few = metrics(["ham", "spam"])
     assert "| f1_ham | f1_spam |" in results_table(few)[0] and per_label_table(few) == []
     fields = dict(metrics(labels), task_kind="extraction")  # an extraction answer's fields: the same table
     assert per_label_table(fields)[0] == "### F1 per field (8 fields)"
-    assert per_label_table(fields)[2] == "| field | train rows | finetuned | specialist |"
+    assert per_label_table(fields)[2] == "| field | train rows | test rows | finetuned | specialist |"
+
+
+def test_per_field_table_counts_the_scored_test_rows(tmp_path):
+    """The table's test rows are those evaluate scored (the first model's predictions, so evaluate.max_examples
+    applies): how many of them hold each field, in the task's order; an empty value holds nothing."""
+    cfg, run = compose(["task=extraction"]), RunDir(tmp_path)
+    run.predictions_dir.mkdir()
+    refs = [{"AddressNumber": "1", "StreetName": "Main"}, {"StreetName": "Elm", "ZipCode": ""}, {"PlaceName": "Ames"}]
+    write_predictions(run, "finetuned", [{"id": str(i), "reference": r, "output": "{}"} for i, r in enumerate(refs)])
+    counts = scored_counts(cfg, run, {"models": {"base": {"error": "failed"}, "finetuned": {"n": 3}}})
+    assert list(counts) == list(cfg.task.fields)
+    assert (counts["StreetName"], counts["AddressNumber"], counts["PlaceName"], counts["ZipCode"]) == (2, 1, 1, 0)
+    assert scored_counts(cfg, run, {"models": {"base": {"error": "failed"}}}) is None

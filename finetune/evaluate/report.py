@@ -76,18 +76,28 @@ def results_table(metrics: dict) -> list[str]:
     return md_table(header, rows)
 
 
-def per_label_table(metrics: dict, train_counts: dict | None = None) -> list[str]:
-    """F1 per label, or per field of an extraction answer (a row each, a model per column, the training rows
-    that hold it beside it), for sets too large for the results table's columns; in the task's order."""
+def per_label_table(metrics: dict, train_counts: dict | None = None, test_counts: dict | None = None) -> list[str]:
+    """F1 per label, or per field of an extraction answer (a row each, a model per column, the training rows and
+    the scored test rows that hold it beside it), for sets too large for the results table's columns; in the
+    task's order."""
     cols = per_label_columns(metrics)
     if not cols:
         return []
     noun = "field" if metrics.get("task_kind") == "extraction" else "label"
     models = [(name, e) for name, e in metrics["models"].items() if "error" not in e]
-    counts = train_counts or {}
-    rows = [[cell(c[len("f1_"):]), fmt(counts.get(c[len("f1_"):]))] + [fmt(e.get(c)) for _, e in models] for c in cols]
+    train, test = train_counts or {}, test_counts or {}
+    rows = [[cell(c[len("f1_"):]), fmt(train.get(c[len("f1_"):])), fmt(test.get(c[len("f1_"):]))]
+            + [fmt(e.get(c)) for _, e in models] for c in cols]
     return [f"### F1 per {noun} ({len(cols)} {noun}s)", ""] + md_table(
-        [noun, "train rows", *(name for name, _ in models)], rows) + [""]
+        [noun, "train rows", "test rows", *(name for name, _ in models)], rows) + [""]
+
+
+def scored_counts(cfg: Config, run: RunDir, metrics: dict) -> dict | None:
+    """How many of the scored test rows hold each label (field): from the first model's predictions, so the
+    rows evaluate.max_examples kept; None when no model has predictions."""
+    name = next((n for n, e in metrics["models"].items() if "error" not in e), None)
+    references = [p["reference"] for p in read_predictions(run, name) if "reference" in p] if name else []
+    return run_task(cfg.task, run).label_counts(references) if references else None
 
 
 def baseline_lines(metrics: dict) -> list[str]:
@@ -262,7 +272,9 @@ def _report_lines(cfg: Config, run: RunDir, metrics: dict, history: list[dict],
         "",
     ]
     validation = read_json(run.validation_report_path)
-    lines += per_label_table(metrics, (validation or {}).get("label_counts_train"))
+    if per_label_columns(metrics):
+        train_counts = (validation or {}).get("label_counts_train")
+        lines += per_label_table(metrics, train_counts, scored_counts(cfg, run, metrics))
     baselines = baseline_lines(metrics)
     if baselines:
         lines += ["Baselines (no language model):", ""] + baselines + [""]
