@@ -210,7 +210,6 @@ class ExtractionTask(Task):
             self.copy_values = counted > 0 and share >= AUTO_SHARE
         self.learned = {"fields": order, "field_types": learned_types, "fields_from": "task.fields, in the data's key order" if self.fields_given
                 else "the training answers (task.fields empty)", "fields_never_in_training": unseen,
-                "label_counts_train": self.label_counts(train_references),
                 "copy_values": self.copy_values, "values_copied_share": round(share, 4),
                 "values_copied_from": "task.copy_values" if self.cfg.copy_values is not None else
                 f"the training answers ({counted} with string values; on from {AUTO_SHARE:.0%})"}
@@ -274,18 +273,19 @@ class ExtractionTask(Task):
         for reference, output in zip(references, outputs):
             parsed = self.parse(output)
             pred, ref = field_pairs(parsed), field_pairs(reference)
-            for slot, pairs in enumerate((pred & ref, pred - ref, ref - pred)):
+            right, extra, missed = pred & ref, pred - ref, ref - pred
+            for slot, pairs in enumerate((right, extra, missed)):
                 for (key, _), count in pairs.items():
                     if key in per_key:
                         per_key[key][slot] += count
-            hits, n_pred, n_ref = sum((pred & ref).values()), sum(pred.values()), sum(ref.values())
-            tp, fp, fn = tp + hits, fp + n_pred - hits, fn + n_ref - hits
+            hits, wrong, lost = (sum(pairs.values()) for pairs in (right, extra, missed))
+            tp, fp, fn = tp + hits, fp + wrong, fn + lost
             correct = parsed is not None and pred == ref
             exact += correct
             valid += parsed is not None
             strict += _is_strict_json_object(output)
             rows.append({"parsed": parsed, "correct": correct, "json_valid": parsed is not None,
-                         "tp": hits, "fp": n_pred - hits, "fn": n_ref - hits})
+                         "tp": hits, "fp": wrong, "fn": lost})
         n = len(outputs)
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
